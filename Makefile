@@ -1,0 +1,55 @@
+# Two commands set up a fresh machine from nothing:
+#   make test   - virtualenv, pinned CPU torch + Triton, build lmkern, nvcc compile check, test suite
+#   make bench  - virtualenv, build, run the benchmark suite on the present device, print the table
+# On a machine whose Python already has torch (e.g. a GPU image without network), use
+#   make test VENV=system   (no virtualenv, nothing downloaded; builds against the installed torch)
+
+VENV ?= .venv
+ifeq ($(VENV),system)
+PY := python3
+STAMP := .system-env
+else
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+endif
+
+# torch is pinned everywhere: an unpinned torch resolves to a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+DEPS := "triton==3.6.0" "numpy<2.4" ninja pybind11 pytest expecttest matplotlib setuptools wheel
+NVCC ?= nvcc
+NVCC_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
+CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
+# Backends the test run must have; missing ones fail tests/test_environment.py instead of shrinking the suite.
+REQUIRE_BACKENDS ?= cpu,triton,reference
+
+.PHONY: test bench build nvcc-check clean
+
+$(VENV)/.installed:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN) $(DEPS)
+	touch $@
+
+.system-env:
+	@$(PY) -c "import torch; print('using system torch', torch.__version__)"
+
+build: $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+# Compile every framework-free CUDA source for sm_80 and sm_90a (no GPU needed).
+nvcc-check:
+	@mkdir -p build/nvcc-check
+	@for f in $(CUDA_SOURCES); do \
+		echo "nvcc $$f"; \
+		$(NVCC) -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc/include $(NVCC_ARCHS) -Werror all-warnings \
+			-c $$f -o build/nvcc-check/$$(basename $$f .cu).o || exit 1; \
+	done
+
+test: build nvcc-check
+	TRITON_INTERPRET=1 LMKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest tests -q -rs
+
+bench: build
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf build *.egg-info lmkern/_C*.so

@@ -1,0 +1,30 @@
+// Every lmkern operator schema, in one place. Implementations are registered per dispatch key
+// next to their kernels (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cpp for CUDA); fake (meta)
+// implementations and autograd formulas are registered from Python in the module named by
+// set_python_module, which `import lmkern` loads.
+#include <torch/library.h>
+
+TORCH_LIBRARY(lmkern, m) {
+  m.set_python_module("lmkern.ops.norm");
+  // Normalization over the last dim of a 2-D input (M, N); the Python layer flattens leading
+  // dims and normalized_shape. `residual`, when given, is added first: residual_out = input +
+  // residual (rounded to input's dtype) and the norm is taken of residual_out. Without a
+  // residual, residual_out is an empty tensor. mean/rstd are fp32 per-row statistics saved for
+  // backward. weight/bias may be input's dtype or float32; out has input's dtype.
+  m.def(
+      "layer_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps, "
+      "float weight_offset) -> (Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)");
+  // `input` is the tensor that was normalized (residual_out when a residual was fused);
+  // grad_residual, the gradient flowing into residual_out, is added to grad_input.
+  // grad_weight/grad_bias are empty when weight/bias is None.
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor? grad_residual, Tensor input, Tensor? weight, "
+      "Tensor? bias, Tensor mean, Tensor rstd, float weight_offset) -> "
+      "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "rms_norm_fwd(Tensor input, Tensor? weight, Tensor? residual, float eps, "
+      "float weight_offset) -> (Tensor out, Tensor residual_out, Tensor rstd)");
+  m.def(
+      "rms_norm_bwd(Tensor grad_out, Tensor? grad_residual, Tensor input, Tensor? weight, "
+      "Tensor rstd, float weight_offset) -> (Tensor grad_input, Tensor grad_weight)");
+}

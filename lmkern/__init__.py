@@ -1,0 +1,15 @@
+"""lmkern: fused transformer kernels for PyTorch (Triton, CUDA, C++ CPU, pure-PyTorch reference).
+
+Importing never fails and never initializes CUDA; see ``lmkern.info()`` for what is available.
+"""
+
+from lmkern import _ext, dispatch, ops  # noqa: F401  (ops: registers the custom ops)
+from lmkern import nn  # noqa: F401
+from lmkern.dispatch import BACKENDS, BackendError
+from lmkern.functional import layer_norm, rms_norm
+from lmkern.info import info
+from lmkern.patching import patch
+
+__version__ = "0.1.0"
+
+__all__ = ["layer_norm", "rms_norm", "patch", "info", "nn", "BACKENDS", "BackendError", "__version__"]

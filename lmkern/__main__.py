@@ -1,0 +1,5 @@
+import sys
+
+from lmkern.cli import main
+
+sys.exit(main())

@@ -1,0 +1,156 @@
+"""Backend selection: cuda, triton, cpu, reference.
+
+Every op family registers, per backend, a ``supports(spec)`` function that returns ``None`` when
+the backend can run inputs described by ``spec`` and otherwise a short reason, and the callable
+to run. ``select`` resolves the requested backend:
+
+* ``backend=`` argument, else the ``LMKERN_BACKEND`` environment variable, else ``"auto"``;
+* ``"auto"`` tries the backends in the preference order for the inputs' device and takes the
+  first that supports them (CUDA tensors: by measured speed, see ``CUDA_PREFERENCE``; CPU
+  tensors: the C++ kernels, then the reference);
+* a named backend that cannot run the inputs raises ``BackendError`` listing every backend's
+  reason, so the user sees what would have worked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from lmkern import _ext
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+# Order tried by "auto" on CUDA tensors, per op. It is set from measured speed (benchmarks/results);
+# ops without GPU measurements yet use DEFAULT_CUDA_PREFERENCE.
+CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {}
+DEFAULT_CUDA_PREFERENCE = ("cuda", "triton", "reference")
+# Triton on CPU tensors only runs in the interpreter, far slower than C++: auto never picks it.
+CPU_PREFERENCE = ("cpu", "reference")
+OTHER_DEVICE_PREFERENCE = ("reference",)
+
+LOW_PRECISION_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendError(ValueError):
+    """The requested backend cannot run these inputs; the message lists every backend's reason."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What backends need to know to accept or decline a call (no tensors, so `lmkern info` can
+    ask about devices this machine does not have)."""
+
+    device_type: str
+    dtype: torch.dtype
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class _Impl:
+    supports: Callable[[InputSpec], Optional[str]]
+    run: Callable[..., Any]
+
+
+_REGISTRY: dict[str, dict[str, _Impl]] = {}
+
+
+def register(op: str, backend: str, supports: Callable[[InputSpec], Optional[str]], run: Callable[..., Any]) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(supports, run)
+
+
+def implementation(op: str, backend: str) -> Callable[..., Any]:
+    """The callable ``backend`` registered for ``op`` (no support check)."""
+    return _REGISTRY[op][backend].run
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def backend_available(backend: str) -> Optional[str]:
+    """Why ``backend`` is missing from this installation, or None if it is present."""
+    if backend == "cuda":
+        return None if _ext.HAS_CUDA_EXT else _ext.CUDA_EXT_ERROR
+    if backend == "cpu":
+        return None if _ext.HAS_CPP else _ext.CPP_ERROR
+    if backend == "triton":
+        return None if _ext.HAS_TRITON else _ext.TRITON_ERROR
+    return None
+
+
+def device_support(backend: str, device_type: str) -> Optional[str]:
+    """Why ``backend`` cannot run tensors on ``device_type`` (None if it can)."""
+    missing = backend_available(backend)
+    if missing:
+        return missing
+    if backend == "cuda" and device_type != "cuda":
+        return f"input is on {device_type}, the cuda backend needs CUDA tensors"
+    if backend == "cpu" and device_type != "cpu":
+        return f"input is on {device_type}, the cpu backend needs CPU tensors"
+    if backend == "triton" and device_type != "cuda":
+        if device_type == "cpu" and _ext.TRITON_INTERPRET:
+            return None
+        return (
+            f"input is on {device_type}; Triton runs CUDA tensors, or CPU tensors through its "
+            "interpreter when TRITON_INTERPRET=1 is set before lmkern is imported"
+        )
+    return None
+
+
+def reasons(op: str, spec: InputSpec) -> dict[str, Optional[str]]:
+    """For every backend: None if it can run ``spec``, else why not."""
+    impls = _REGISTRY[op]
+    out = {}
+    for name in BACKENDS:
+        if name not in impls:
+            out[name] = f"no {name} implementation of {op}"
+        else:
+            out[name] = device_support(name, spec.device_type) or impls[name].supports(spec)
+    return out
+
+
+def preference(op: str, device_type: str) -> tuple[str, ...]:
+    if device_type == "cuda":
+        return CUDA_PREFERENCE.get(op, DEFAULT_CUDA_PREFERENCE)
+    if device_type == "cpu":
+        return CPU_PREFERENCE
+    return OTHER_DEVICE_PREFERENCE
+
+
+def requested_backend(backend: Optional[str]) -> str:
+    """The backend asked for: the argument, else LMKERN_BACKEND, else "auto"."""
+    name = backend if backend is not None else os.environ.get("LMKERN_BACKEND", "auto")
+    if not isinstance(name, str) or (name not in BACKENDS and name != "auto"):
+        where = "backend" if backend is not None else "LMKERN_BACKEND"
+        raise ValueError(f"{where} must be one of {('auto',) + BACKENDS}, got {name!r}")
+    return name
+
+
+def _format(op: str, spec: InputSpec, why: dict[str, Optional[str]]) -> str:
+    lines = [f"  {name}: {reason or 'can run these inputs'}" for name, reason in why.items()]
+    return f"lmkern.{op} on {spec.device_type} {spec.dtype}:\n" + "\n".join(lines)
+
+
+def select(op: str, backend: Optional[str], spec: InputSpec) -> tuple[str, Callable[..., Any]]:
+    """Returns (backend name, callable) for ``op`` on inputs described by ``spec``."""
+    name = requested_backend(backend)
+    impls = _REGISTRY[op]
+    if name != "auto":
+        impl = impls.get(name)
+        why = device_support(name, spec.device_type) or (
+            impl.supports(spec) if impl else f"no {name} implementation of {op}"
+        )
+        if why is None:
+            return name, impl.run
+        raise BackendError(f"backend {name!r} cannot run these inputs. " + _format(op, spec, reasons(op, spec)))
+    for candidate in preference(op, spec.device_type):
+        impl = impls.get(candidate)
+        if impl is not None and device_support(candidate, spec.device_type) is None and impl.supports(spec) is None:
+            return candidate, impl.run
+    raise BackendError("no backend can run these inputs. " + _format(op, spec, reasons(op, spec)))
