@@ -2,6 +2,10 @@
 // TORCH_LIBRARY_IMPL blocks). It also reports how it was built, for `lmkern info`.
 #include <torch/extension.h>
 
+namespace lmkern::cpu {
+const char* isa_name();  // norm_cpu.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef LMKERN_WITH_CUDA
   m.attr("with_cuda") = true;
@@ -9,4 +13,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("torch_version") = LMKERN_TORCH_VERSION;
+  m.def("cpu_isa", &lmkern::cpu::isa_name,
+        "Instruction set of the C++ CPU kernels: avx512, avx2 or portable (LMKERN_CPU_ISA caps it)");
 }

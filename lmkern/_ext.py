@@ -66,6 +66,7 @@ def build_info() -> dict:
         "cuda_extension": HAS_CUDA_EXT,
         "cpp_error": CPP_ERROR,
         "cpp_built_for_torch": CPP_BUILT_FOR_TORCH,
+        "cpu_isa": _C.cpu_isa() if HAS_CPP and hasattr(_C, "cpu_isa") else None,
         "cuda_extension_error": CUDA_EXT_ERROR,
         "triton": triton_version,
         "triton_error": TRITON_ERROR,

@@ -35,7 +35,8 @@ def info() -> str:
     lines = [
         f"lmkern {__import__('lmkern').__version__}  torch {b['torch']} (CUDA {b['torch_cuda']})  CUDA devices: {cuda_dev}",
         f"C++ extension: {'yes' if b['cpp_extension'] else 'no'}"
-        + (f" (built for torch {b['cpp_built_for_torch']})" if b["cpp_built_for_torch"] else ""),
+        + (f" (built for torch {b['cpp_built_for_torch']})" if b["cpp_built_for_torch"] else "")
+        + (f", CPU kernels use {b['cpu_isa']}" if b["cpu_isa"] else ""),
         f"CUDA kernels:  {'yes' if b['cuda_extension'] else 'no'}",
         f"Triton:        {b['triton'] or 'no'}" + (" (interpreter, TRITON_INTERPRET=1)" if b["triton_interpret"] else ""),
         f"LMKERN_BACKEND={b['LMKERN_BACKEND'] or '(unset: auto)'}",
