@@ -177,6 +177,20 @@ def test_empty_input(device_backend, op, shape):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("eps", [1e-5, 1e-2])
+def test_eps_is_added_to_the_variance(device_backend, op, eps):
+    """Inputs whose variance is comparable to eps, so a misplaced or missing eps shows."""
+    device, backend = device_backend
+    shift = 0.3 if op == "layer_norm" else 0.0  # LayerNorm removes the mean; RMSNorm must not have one
+    x = (torch.randn(7, 257, device=device, dtype=torch.float64) * eps**0.5 + shift).float()
+    got = call(op, x, None, None, None, 0.0, backend, eps=eps)
+    want = call(op, x.double(), None, None, None, 0.0, "reference", eps=eps).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    wrong = call(op, x.double(), None, None, None, 0.0, "reference", eps=eps * 1.01).float()
+    assert (got - want).abs().max() < (wrong - want).abs().max() / 10  # the test can tell eps from 1.01 eps
+
+
 def test_rms_norm_eps_none_is_torch_eps(device_backend):
     device, backend = device_backend
     x = torch.randn(5, 33, device=device) * 1e-4  # small enough that eps matters

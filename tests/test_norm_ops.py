@@ -42,12 +42,6 @@ def test_opcheck(kernel_device_backend, with_residual):
         torch.library.opcheck(rms_bwd, (dy, dr, h.detach(), w.detach(), rstd, 0.0))
 
 
-def _compile_backend(backend):
-    # Inductor turns a Triton kernel on CPU tensors into CPU code it cannot run; the interpreter
-    # path is compiled with aot_eager (same graph capture, no Inductor codegen).
-    return "aot_eager" if backend == "triton" and not torch.cuda.is_available() else "inductor"
-
-
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_torch_compile_fullgraph(device_backend, op):
     device, backend = device_backend
@@ -63,7 +57,7 @@ def test_torch_compile_fullgraph(device_backend, op):
         return (y * 2).sum() + h.square().sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(block, fullgraph=True, backend=_compile_backend(backend))
+    compiled = torch.compile(block, fullgraph=True)
     x = torch.randn(4, 5, n, device=device, requires_grad=True)
     r = torch.randn(4, 5, n, device=device, requires_grad=True)
     got = compiled(x, r)
@@ -78,7 +72,7 @@ def test_torch_compile_fullgraph(device_backend, op):
 def test_compile_with_dynamic_shapes(device_backend):
     device, backend = device_backend
     torch._dynamo.reset()
-    f = torch.compile(lambda x, w: lmkern.rms_norm(x, (x.shape[-1],), w, backend=backend), fullgraph=True, dynamic=True, backend=_compile_backend(backend))
+    f = torch.compile(lambda x, w: lmkern.rms_norm(x, (x.shape[-1],), w, backend=backend), fullgraph=True, dynamic=True)
     for m in (3, 9, 17):
         x = torch.randn(m, 32, device=device)
         w = torch.randn(32, device=device)

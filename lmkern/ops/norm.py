@@ -70,37 +70,58 @@ def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+# ----------------------------------------------------------------------------- fake implementations
+
+
+def _layer_norm_fwd_fake(input, weight, bias, residual, eps, weight_offset):
+    return _fwd_outputs(input, residual, is_rms=False)
+
+
+def _rms_norm_fwd_fake(input, weight, residual, eps, weight_offset):
+    out, residual_out, _, rstd = _fwd_outputs(input, residual, is_rms=True)
+    return out, residual_out, rstd
+
+
+def _layer_norm_bwd_fake(grad_out, grad_residual, input, weight, bias, mean, rstd, weight_offset):
+    return _bwd_outputs(input, weight, bias)
+
+
+def _rms_norm_bwd_fake(grad_out, grad_residual, input, weight, rstd, weight_offset):
+    dx, dweight, _ = _bwd_outputs(input, weight, None)
+    return dx, dweight
+
+
 # ----------------------------------------------------------------------------- C++ ops (cpu, cuda)
 
 if _ext.HAS_CPP:
-
-    @torch.library.register_fake("lmkern::layer_norm_fwd")
-    def _(input, weight, bias, residual, eps, weight_offset):
-        return _fwd_outputs(input, residual, is_rms=False)
-
-    @torch.library.register_fake("lmkern::rms_norm_fwd")
-    def _(input, weight, residual, eps, weight_offset):
-        out, residual_out, _, rstd = _fwd_outputs(input, residual, is_rms=True)
-        return out, residual_out, rstd
-
-    @torch.library.register_fake("lmkern::layer_norm_bwd")
-    def _(grad_out, grad_residual, input, weight, bias, mean, rstd, weight_offset):
-        return _bwd_outputs(input, weight, bias)
-
-    @torch.library.register_fake("lmkern::rms_norm_bwd")
-    def _(grad_out, grad_residual, input, weight, rstd, weight_offset):
-        dx, dweight, _ = _bwd_outputs(input, weight, None)
-        return dx, dweight
+    torch.library.register_fake("lmkern::layer_norm_fwd", _layer_norm_fwd_fake)
+    torch.library.register_fake("lmkern::rms_norm_fwd", _rms_norm_fwd_fake)
+    torch.library.register_fake("lmkern::layer_norm_bwd", _layer_norm_bwd_fake)
+    torch.library.register_fake("lmkern::rms_norm_bwd", _rms_norm_bwd_fake)
 
 
 # ----------------------------------------------------------------------------- Triton ops
 
-if _ext.HAS_TRITON:
-    from torch.library import triton_op
 
+def _define_triton_op(name: str, fake):
+    """torch.library.triton_op, so torch.compile sees the Triton kernels; but under Triton's CPU
+    interpreter an opaque custom op with an explicit fake, because interpreted kernels cannot be
+    traced with fake tensors (and Inductor could not run them anyway)."""
+
+    def define(fn):
+        if _ext.TRITON_INTERPRET:
+            op = torch.library.custom_op(name, fn, mutates_args=())
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, fn, mutates_args=())
+
+    return define
+
+
+if _ext.HAS_TRITON:
     from lmkern.kernels import norm as triton_norm
 
-    @triton_op("lmkern::layer_norm_fwd_triton", mutates_args=())
+    @_define_triton_op("lmkern::layer_norm_fwd_triton", _layer_norm_fwd_fake)
     def layer_norm_fwd_triton(
         input: Tensor,
         weight: Optional[Tensor],
@@ -117,7 +138,7 @@ if _ext.HAS_TRITON:
         )
         return out, residual_out, mean, rstd
 
-    @triton_op("lmkern::rms_norm_fwd_triton", mutates_args=())
+    @_define_triton_op("lmkern::rms_norm_fwd_triton", _rms_norm_fwd_fake)
     def rms_norm_fwd_triton(
         input: Tensor,
         weight: Optional[Tensor],
@@ -133,7 +154,7 @@ if _ext.HAS_TRITON:
         )
         return out, residual_out, rstd
 
-    @triton_op("lmkern::layer_norm_bwd_triton", mutates_args=())
+    @_define_triton_op("lmkern::layer_norm_bwd_triton", _layer_norm_bwd_fake)
     def layer_norm_bwd_triton(
         grad_out: Tensor,
         grad_residual: Optional[Tensor],
@@ -153,7 +174,7 @@ if _ext.HAS_TRITON:
         )
         return dx, dweight, dbias
 
-    @triton_op("lmkern::rms_norm_bwd_triton", mutates_args=())
+    @_define_triton_op("lmkern::rms_norm_bwd_triton", _rms_norm_bwd_fake)
     def rms_norm_bwd_triton(
         grad_out: Tensor,
         grad_residual: Optional[Tensor],
