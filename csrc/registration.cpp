@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(lmkern, m) {
-  m.set_python_module("lmkern.ops.norm");
+  m.set_python_module("lmkern.ops");
   // Normalization over the last dim of a 2-D input (M, N); the Python layer flattens leading
   // dims and normalized_shape. `residual`, when given, is added first: residual_out = input +
   // residual (rounded to input's dtype) and the norm is taken of residual_out. Without a
@@ -27,4 +27,15 @@ TORCH_LIBRARY(lmkern, m) {
   m.def(
       "rms_norm_bwd(Tensor grad_out, Tensor? grad_residual, Tensor input, Tensor? weight, "
       "Tensor rstd, float weight_offset) -> (Tensor grad_input, Tensor grad_weight)");
+
+  // One token per row of 2-D logits (B, V); the math is lmkern/reference/sampling.py. Each
+  // optional (B,) tensor replaces its scalar (temperatures fp32, top_ks int64, top_ps/min_ps
+  // fp32, seeds int64). ids is int64 (B,), -1 for an invalid row; logprobs is fp32 (B,), or empty
+  // when need_logprobs is false. Not differentiable.
+  m.def(
+      "sample(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
+      "Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps, int seed, "
+      "Tensor? seeds, bool need_logprobs) -> (Tensor ids, Tensor logprobs)");
+  // fp32 softmax(logits / T) of 2-D logits over the last dim; temperatures (B,) fp32 replaces T.
+  m.def("softmax(Tensor logits, float temperature, Tensor? temperatures) -> Tensor");
 }
