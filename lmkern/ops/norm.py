@@ -4,7 +4,7 @@
   registered per dispatch key by lmkern._C (csrc/cpu, csrc/cuda). Their fake implementations are
   registered here (registration.cpp names this module for them).
 * triton: ``lmkern::{layer,rms}_norm_{fwd,bwd}_triton``, defined here with torch.library.triton_op
-  around the launchers in lmkern.kernels.norm.
+  (lmkern.ops._triton.define_triton_op) around the launchers in lmkern.kernels.norm.
 * reference: lmkern.reference.norm, plain differentiable PyTorch.
 
 Autograd is registered on every forward op; its backward calls the same backend's backward op.
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lmkern import _ext, dispatch
+from lmkern.ops._triton import define_triton_op
 from lmkern.reference import norm as reference
 
 KERNEL_DTYPES = dispatch.LOW_PRECISION_KERNEL_DTYPES
@@ -102,26 +103,10 @@ if _ext.HAS_CPP:
 
 # ----------------------------------------------------------------------------- Triton ops
 
-
-def _define_triton_op(name: str, fake):
-    """torch.library.triton_op, so torch.compile sees the Triton kernels; but under Triton's CPU
-    interpreter an opaque custom op with an explicit fake, because interpreted kernels cannot be
-    traced with fake tensors (and Inductor could not run them anyway)."""
-
-    def define(fn):
-        if _ext.TRITON_INTERPRET:
-            op = torch.library.custom_op(name, fn, mutates_args=())
-            op.register_fake(fake)
-            return op
-        return torch.library.triton_op(name, fn, mutates_args=())
-
-    return define
-
-
 if _ext.HAS_TRITON:
     from lmkern.kernels import norm as triton_norm
 
-    @_define_triton_op("lmkern::layer_norm_fwd_triton", _layer_norm_fwd_fake)
+    @define_triton_op("lmkern::layer_norm_fwd_triton", _layer_norm_fwd_fake)
     def layer_norm_fwd_triton(
         input: Tensor,
         weight: Optional[Tensor],
@@ -138,7 +123,7 @@ if _ext.HAS_TRITON:
         )
         return out, residual_out, mean, rstd
 
-    @_define_triton_op("lmkern::rms_norm_fwd_triton", _rms_norm_fwd_fake)
+    @define_triton_op("lmkern::rms_norm_fwd_triton", _rms_norm_fwd_fake)
     def rms_norm_fwd_triton(
         input: Tensor,
         weight: Optional[Tensor],
@@ -154,7 +139,7 @@ if _ext.HAS_TRITON:
         )
         return out, residual_out, rstd
 
-    @_define_triton_op("lmkern::layer_norm_bwd_triton", _layer_norm_bwd_fake)
+    @define_triton_op("lmkern::layer_norm_bwd_triton", _layer_norm_bwd_fake)
     def layer_norm_bwd_triton(
         grad_out: Tensor,
         grad_residual: Optional[Tensor],
@@ -174,7 +159,7 @@ if _ext.HAS_TRITON:
         )
         return dx, dweight, dbias
 
-    @_define_triton_op("lmkern::rms_norm_bwd_triton", _rms_norm_bwd_fake)
+    @define_triton_op("lmkern::rms_norm_bwd_triton", _rms_norm_bwd_fake)
     def rms_norm_bwd_triton(
         grad_out: Tensor,
         grad_residual: Optional[Tensor],
