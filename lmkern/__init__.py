@@ -6,10 +6,10 @@ Importing never fails and never initializes CUDA; see ``lmkern.info()`` for what
 from lmkern import _ext, dispatch, ops  # noqa: F401  (ops: registers the custom ops)
 from lmkern import nn  # noqa: F401
 from lmkern.dispatch import BACKENDS, BackendError
-from lmkern.functional import layer_norm, rms_norm
+from lmkern.functional import layer_norm, rms_norm, sample, softmax
 from lmkern.info import info
 from lmkern.patching import patch
 
 __version__ = "0.1.0"
 
-__all__ = ["layer_norm", "rms_norm", "patch", "info", "nn", "BACKENDS", "BackendError", "__version__"]
+__all__ = ["layer_norm", "rms_norm", "sample", "softmax", "patch", "info", "nn", "BACKENDS", "BackendError", "__version__"]

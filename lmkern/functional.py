@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lmkern import dispatch
 from lmkern.ops import norm as norm_ops
+from lmkern.ops import sampling as sampling_ops
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -167,3 +168,249 @@ def rms_norm(
     out, residual_out, _rstd = fwd(x2d, w, r2d, float(eps), float(weight_offset))
     out = out.reshape(input.shape)
     return (out, residual_out.reshape(input.shape)) if residual is not None else out
+
+
+# ----------------------------------------------------------------------------- sampling
+
+_U64 = 1 << 64
+_DISABLED = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
+# per-row parameter -> (kind, accepted range as text, test on a Python number, test on a tensor)
+_RANGES = {
+    "temperature": ("float", "finite and >= 0 (0 is greedy)", lambda v: 0 <= v < math.inf, lambda t: (t >= 0) & (t < math.inf)),
+    "top_k": ("int", ">= 0 (0 disables it)", lambda v: v >= 0, lambda t: t >= 0),
+    "top_p": ("float", "in (0, 1] (1 disables it)", lambda v: 0 < v <= 1, lambda t: (t > 0) & (t <= 1)),
+    "min_p": ("float", "in [0, 1] (0 disables it)", lambda v: 0 <= v <= 1, lambda t: (t >= 0) & (t <= 1)),
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_logits(op: str, logits) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"lmkern.{op}: logits must be a Tensor, got {type(logits).__name__}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"lmkern.{op}: logits must be a floating-point tensor, got {logits.dtype}")
+
+
+def _row_shapes(ndim: int, B: int) -> tuple[tuple[int, ...], ...]:
+    """Shapes a per-row tensor may have: (B,) or () broadcast; for 1-D logits (one row), (1,) or ()."""
+    return ((B,), ()) if ndim == 2 else ((1,), ())
+
+
+def _per_row(op: str, name: str, value, B: int, ndim: int, device, checks: list):
+    """Validates one sampling parameter; returns (scalar for the op, (B,) tensor or None).
+
+    A tensor is converted to the op's dtype on the logits' device; its values are checked later,
+    in one host sync for all parameters (``checks`` collects (name, bad-mask) pairs).
+    """
+    kind, allowed, ok_scalar, ok_tensor = _RANGES[name]
+    if value is None:
+        if name == "temperature":
+            raise TypeError(f"lmkern.{op}: temperature must be a number or a tensor, not None (use 0 for greedy)")
+        return _DISABLED[name], None
+    if isinstance(value, Tensor):
+        if kind == "int" and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+            raise TypeError(f"lmkern.{op}: {name} must be an int or an integer tensor, got a {value.dtype} tensor")
+        if kind == "float" and not value.dtype.is_floating_point:
+            raise TypeError(f"lmkern.{op}: {name} must be a float or a floating-point tensor, got a {value.dtype} tensor")
+        shapes = _row_shapes(ndim, B)
+        if tuple(value.shape) not in shapes:
+            raise ValueError(
+                f"lmkern.{op}: {name} must be a Python number or a tensor of shape {shapes[0]} (one value per row) "
+                f"or (), got shape {tuple(value.shape)}"
+            )
+        t = value.detach().to(device=device, dtype=torch.int64 if kind == "int" else torch.float32)
+        t = t.expand(B).contiguous() if t.dim() == 0 else t.reshape(B).contiguous()
+        checks.append((name, ~ok_tensor(t), t))
+        return _DISABLED.get(name, 1.0), t
+    if kind == "int":
+        if not _is_int(value):
+            raise TypeError(f"lmkern.{op}: {name} must be an int, None or an integer tensor, got {value!r}")
+        value = int(value)
+    else:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"lmkern.{op}: {name} must be a float, None or a floating-point tensor, got {value!r}")
+        value = float(value)
+    if not ok_scalar(value):
+        raise ValueError(f"lmkern.{op}: {name} must be {allowed}, got {value!r}")
+    return value, None
+
+
+def _raise_bad_rows(op: str, checks: list) -> None:
+    """One host sync for all per-row tensors; on failure, name the parameter, row and value."""
+    if not checks:
+        return
+    flags = torch.stack([bad.any() for _, bad, _ in checks]).tolist()
+    for (name, bad, t), flag in zip(checks, flags):
+        if flag:
+            r = int(bad.nonzero()[0, 0])
+            raise ValueError(f"lmkern.{op}: {name}[{r}] = {t[r].item()!r}, but {name} must be {_RANGES[name][1]}")
+
+
+def _seeds(op: str, seed, generator, B: int, ndim: int, device) -> tuple[int, Optional[Tensor]]:
+    """(scalar seed as the op's int64, per-row seeds tensor or None)."""
+    if seed is not None and generator is not None:
+        raise ValueError(f"lmkern.{op}: pass seed or generator, not both")
+    if generator is not None or seed is None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"lmkern.{op}: generator must be a torch.Generator, got {type(generator).__name__}")
+        # One 64-bit key per row from the generator (default: torch's CPU generator, so
+        # torch.manual_seed reproduces the draw). A tensor, not a Python int: no host sync for a
+        # CUDA generator, and it traces under torch.compile.
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        keys = torch.randint(-(2**63), 2**63 - 1, (B,), dtype=torch.int64, device=gen_device, generator=generator)
+        return 0, keys.to(device)
+    if isinstance(seed, Tensor):
+        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise TypeError(f"lmkern.{op}: seed must be an int or an integer tensor, got a {seed.dtype} tensor")
+        shapes = ((B,),) if ndim == 2 else ((1,), ())
+        if tuple(seed.shape) not in shapes:
+            raise ValueError(
+                f"lmkern.{op}: a seed tensor must have shape {shapes[0]} (one seed per row), got {tuple(seed.shape)}; "
+                "pass a Python int for one seed for the whole batch"
+            )
+        return 0, seed.detach().to(device=device, dtype=torch.int64).reshape(B).contiguous()
+    if not _is_int(seed):
+        raise TypeError(f"lmkern.{op}: seed must be an int, an integer tensor or None, got {seed!r}")
+    s = int(seed) % _U64
+    return (s - _U64 if s >= 1 << 63 else s), None  # the same 64 bits as an int64
+
+
+def sample(
+    logits: Tensor,
+    temperature: Union[float, Tensor] = 1.0,
+    top_k: Union[int, Tensor, None] = None,
+    top_p: Union[float, Tensor, None] = None,
+    min_p: Union[float, Tensor, None] = None,
+    *,
+    seed: Union[int, Tensor, None] = None,
+    generator: Optional[torch.Generator] = None,
+    return_logprobs: bool = False,
+    backend: Optional[str] = None,
+):
+    """Draws one token id per row of ``logits``, fused: temperature, top-k, top-p, min-p, draw.
+
+    The math is lmkern/reference/sampling.py: ``z = logits / temperature``; top-k keeps the k
+    largest z (ties with the k-th kept), then top-p keeps the smallest most-likely set holding
+    probability mass >= p, then min-p drops tokens with probability < min_p * the largest (the
+    filters in Hugging Face's order); the id is drawn from softmax(z) over the survivors. The
+    most likely token always survives. ``temperature == 0`` is greedy (first argmax; no filters).
+    Computation in float32 whatever the logits' dtype. Not differentiable.
+
+    Args:
+        logits: (B, V) floating point, any row stride; or (V,) for one row (then ids and
+            logprobs are 0-d). float64 runs on the reference backend.
+        temperature: >= 0, finite.
+        top_k: keep the k most likely tokens; None or 0 disables, k >= V keeps everything.
+        top_p: in (0, 1]; None or 1.0 disables.
+        min_p: in [0, 1]; None or 0 disables.
+            Each of these is a Python number or a tensor of shape (B,) (one value per row; a
+            disabling value turns the filter off for that row) or (); on any device (moved to
+            the logits' device). Per-row values are checked with one host sync (skipped under
+            torch.compile).
+        seed: a Python int (any, taken mod 2**64; row r uses Philox stream r) or an integer
+            tensor of shape (B,) (row r uses key seed[r], stream 0: a row's draw depends only on
+            its logits, parameters and seed, not on the other rows).
+        generator: a torch.Generator to draw one 64-bit key per row from (not with ``seed``).
+            With neither, the keys are drawn from torch's default CPU generator, so
+            ``torch.manual_seed`` makes calls reproducible.
+        return_logprobs: also return ``log_softmax(logits.float())[id]`` per row (the
+            unfiltered, temperature-1 distribution), float32.
+        backend: "auto" (default), "cuda", "triton", "cpu" or "reference"; overrides LMKERN_BACKEND.
+
+    Returns:
+        ids, int64 of shape (B,) (or ()), or ``(ids, logprobs)`` when ``return_logprobs``.
+
+    Raises:
+        ValueError if a row has a NaN or +inf logit or no finite logit (``-inf`` logits are
+        valid and never drawn), naming the first such row. The check needs the ids on the host;
+        under torch.compile it is skipped and such rows come back as id -1 (logprob NaN).
+    """
+    op = "sample"
+    _check_logits(op, logits)
+    if logits.dim() not in (1, 2):
+        raise ValueError(f"lmkern.{op}: logits must be 1-D (V,) or 2-D (B, V), got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"lmkern.{op}: logits must have at least one token (V >= 1), got shape {tuple(logits.shape)}")
+    if not isinstance(return_logprobs, bool):
+        raise TypeError(f"lmkern.{op}: return_logprobs must be a bool, got {return_logprobs!r}")
+    ndim = logits.dim()
+    x = logits.detach()
+    x2d = x.reshape(1, -1) if ndim == 1 else x
+    B, device = x2d.shape[0], x.device
+    checks: list = []
+    T, Ts = _per_row(op, "temperature", temperature, B, ndim, device, checks)
+    k, ks = _per_row(op, "top_k", top_k, B, ndim, device, checks)
+    p, ps = _per_row(op, "top_p", top_p, B, ndim, device, checks)
+    m, ms = _per_row(op, "min_p", min_p, B, ndim, device, checks)
+    s, seeds = _seeds(op, seed, generator, B, ndim, device)
+    if B == 0:
+        dispatch.requested_backend(backend)  # still reject a misspelled backend
+        ids = x.new_empty((0,), dtype=torch.int64)
+        return (ids, x.new_empty((0,), dtype=torch.float32)) if return_logprobs else ids
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        _raise_bad_rows(op, checks)
+    if x2d.shape[1] > 1 and x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    _, run = dispatch.select(op, backend, sampling_ops.sampling_spec(x2d))
+    ids, logprobs = run(x2d, T, k, p, m, Ts, ks, ps, ms, s, seeds, return_logprobs)
+    if not compiling:
+        bad = ids < 0
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            raise ValueError(f"lmkern.{op}: logits row {r} contains NaN or +inf, or no finite value")
+    if ndim == 1:
+        ids = ids.reshape(())
+        logprobs = logprobs.reshape(()) if return_logprobs else logprobs
+    return (ids, logprobs) if return_logprobs else ids
+
+
+def softmax(logits: Tensor, temperature: Union[float, Tensor] = 1.0, *, backend: Optional[str] = None) -> Tensor:
+    """float32 ``softmax(logits / temperature)`` over the last dim, the distribution ``sample`` draws
+    from before its filters. ``temperature == 0`` gives the one-hot of the first argmax (zero
+    gradient). Differentiable with respect to logits (gradient in logits' dtype) and a tensor
+    temperature.
+
+    Args:
+        logits: (..., V) floating point; float64 runs on the reference backend.
+        temperature: a Python number >= 0, or a floating-point tensor of shape ``logits.shape[:-1]``
+            (one temperature per row) or (); tensor values are not checked (no host sync).
+        backend: "auto" (default), "cuda", "triton", "cpu" or "reference"; overrides LMKERN_BACKEND.
+
+    Returns:
+        float32 probabilities with the logits' shape.
+    """
+    op = "softmax"
+    _check_logits(op, logits)
+    if logits.dim() == 0:
+        raise ValueError(f"lmkern.{op}: logits must have at least one dimension (..., V), got a 0-d tensor")
+    lead = tuple(logits.shape[:-1])
+    B, V = math.prod(lead), logits.shape[-1]
+    Ts = None
+    if isinstance(temperature, Tensor):
+        if not temperature.dtype.is_floating_point:
+            raise TypeError(f"lmkern.{op}: temperature must be a float or a floating-point tensor, got a {temperature.dtype} tensor")
+        if tuple(temperature.shape) not in (lead, ()):
+            raise ValueError(
+                f"lmkern.{op}: temperature must be a Python number or a tensor of shape {lead} (logits.shape[:-1]) "
+                f"or (), got shape {tuple(temperature.shape)}"
+            )
+        Ts = temperature.to(device=logits.device, dtype=torch.float32).expand(lead).reshape(B).contiguous()
+        T = 1.0
+    elif isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
+        T = float(temperature)
+        if not 0 <= T < math.inf:
+            raise ValueError(f"lmkern.{op}: temperature must be finite and >= 0 (0 gives one-hot), got {temperature!r}")
+    else:
+        raise TypeError(f"lmkern.{op}: temperature must be a float or a floating-point tensor, got {temperature!r}")
+    if logits.numel() == 0:
+        dispatch.requested_backend(backend)
+        return logits.float() * 0.0  # the right empty shape, still attached to the graph
+    x2d = logits.reshape(B, V)
+    if V > 1 and x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    _, run = dispatch.select(op, backend, sampling_ops.sampling_spec(x2d))
+    return run(x2d, T, Ts).reshape(logits.shape)

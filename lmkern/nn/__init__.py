@@ -1,5 +1,7 @@
-"""Drop-in modules: same constructors, parameters and state_dicts as the torch modules they replace."""
+"""Modules: drop-in normalization modules (same constructors, parameters and state_dicts as the torch
+modules they replace) and the Sampler head."""
 
 from lmkern.nn.norm import FusedAddLayerNorm, FusedAddRMSNorm, HFRMSNorm, LayerNorm, RMSNorm
+from lmkern.nn.sampling import Sampler
 
-__all__ = ["LayerNorm", "RMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm", "HFRMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm", "HFRMSNorm", "Sampler"]
