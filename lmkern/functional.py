@@ -274,8 +274,11 @@ def _seeds(op: str, seed, generator, B: int, ndim: int, device) -> tuple[int, Op
         return 0, seed.detach().to(device=device, dtype=torch.int64).reshape(B).contiguous()
     if not _is_int(seed):
         raise TypeError(f"lmkern.{op}: seed must be an int, an integer tensor or None, got {seed!r}")
-    s = int(seed) % _U64
-    return (s - _U64 if s >= 1 << 63 else s), None  # the same 64 bits as an int64
+    s = int(seed)
+    if not -(1 << 63) <= s < 1 << 63:  # (a range test, not a modulo: it also traces under compile)
+        s %= _U64
+        s = s - _U64 if s >= 1 << 63 else s  # the same 64 bits as an int64
+    return s, None
 
 
 def sample(

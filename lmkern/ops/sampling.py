@@ -8,7 +8,8 @@
 * triton: ``lmkern::sample_triton`` / ``lmkern::softmax_triton``, defined here with
   lmkern.ops._triton.define_triton_op around the launchers in lmkern.kernels.sampling (absent
   launchers leave the triton backend reporting why, they never break ``import lmkern``).
-* reference: lmkern.reference.sampling, plain PyTorch (the specification).
+* reference: lmkern.reference.sampling (the specification); sample through the opaque custom op
+  ``lmkern::sample_reference`` (see reference_sample), softmax as plain differentiable PyTorch.
 
 Every op works on 2-D (B, V) logits with unit element stride; lmkern.functional validates the
 user's arguments, converts per-row parameters and flattens shapes. ``sample`` is not
@@ -193,14 +194,35 @@ if triton_sampling is not None:
 # ----------------------------------------------------------------------------- reference adapters
 
 
+@torch.library.custom_op("lmkern::sample_reference", mutates_args=())
 def reference_sample(
-    logits, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps, seed, seeds, need_logprobs
+    logits: Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    temperatures: Optional[Tensor],
+    top_ks: Optional[Tensor],
+    top_ps: Optional[Tensor],
+    min_ps: Optional[Tensor],
+    seed: int,
+    seeds: Optional[Tensor],
+    need_logprobs: bool,
 ) -> tuple[Tensor, Tensor]:
-    """lmkern.reference.sampling.sample with the op's signature and outputs."""
+    """lmkern.reference.sampling.sample with the op's signature and outputs.
+
+    An opaque custom op rather than plain PyTorch: Inductor folds a symbolic (dynamic) int seed
+    into index arithmetic and then drops 32-bit masks of negative values (torch 2.13), which
+    silently changes the Philox keys; opaque, the reference runs eagerly on the concrete seed.
+    Sampling is not differentiable, so nothing is lost.
+    """
     ids, logprobs = reference.sample(
         logits, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps, seed, seeds
     )
     return ids, logprobs if need_logprobs else logprobs.new_empty(0)
+
+
+reference_sample.register_fake(_sample_fake)
 
 
 def reference_softmax(logits, temperature, temperatures) -> Tensor:
