@@ -9,7 +9,7 @@
   lmkern.ops._triton.define_triton_op around the launchers in lmkern.kernels.sampling (absent
   launchers leave the triton backend reporting why, they never break ``import lmkern``).
 * reference: lmkern.reference.sampling (the specification); sample through the opaque custom op
-  ``lmkern::sample_reference`` (see reference_sample), softmax as plain differentiable PyTorch.
+  the opaque custom ops ``lmkern::sample_reference`` / ``lmkern::softmax_reference`` (see below).
 
 Every op works on 2-D (B, V) logits with unit element stride; lmkern.functional validates the
 user's arguments, converts per-row parameters and flattens shapes. ``sample`` is not
@@ -191,7 +191,7 @@ if triton_sampling is not None:
     torch.library.register_autograd("lmkern::softmax_triton", _softmax_backward, setup_context=_softmax_setup_context)
 
 
-# ----------------------------------------------------------------------------- reference adapters
+# ----------------------------------------------------------------------------- reference ops
 
 
 @torch.library.custom_op("lmkern::sample_reference", mutates_args=())
@@ -225,8 +225,15 @@ def reference_sample(
 reference_sample.register_fake(_sample_fake)
 
 
-def reference_softmax(logits, temperature, temperatures) -> Tensor:
+@torch.library.custom_op("lmkern::softmax_reference", mutates_args=())
+def reference_softmax(logits: Tensor, temperature: float, temperatures: Optional[Tensor]) -> Tensor:
+    """lmkern.reference.sampling.softmax as an op with the same autograd formula as the kernels
+    (autograd through the plain formula gives a NaN temperature gradient at -inf logits)."""
     return reference.softmax(logits, temperature, temperatures)
+
+
+reference_softmax.register_fake(_softmax_fake)
+torch.library.register_autograd("lmkern::softmax_reference", _softmax_backward, setup_context=_softmax_setup_context)
 
 
 # ----------------------------------------------------------------------------- dispatch
