@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler to build th
 def algo(tmp_path_factory):
     exe = str(tmp_path_factory.mktemp("algo") / "sampling_cuda_algo")
     subprocess.run(
-        [CXX, "-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror",
+        [CXX, "-O2", "-std=c++17", "-Wall", "-Wextra",
          "-I", os.path.join(ROOT, "csrc", "include"),
          os.path.join(ROOT, "tests", "sampling_cuda_algo.cpp"), "-o", exe],
         check=True,
