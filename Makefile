@@ -15,7 +15,7 @@ endif
 
 # torch is pinned everywhere: an unpinned torch resolves to a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
-DEPS := "triton==3.6.0" "numpy<2.4" ninja pybind11 pytest expecttest matplotlib setuptools wheel
+DEPS := "triton==3.6.0" "numpy<2.4" ninja pybind11 pytest expecttest matplotlib setuptools wheel "transformers==5.24.0"
 NVCC ?= nvcc
 NVCC_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
