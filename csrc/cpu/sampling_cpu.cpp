@@ -2,13 +2,13 @@
 // math in lmkern/reference/sampling.py). sampling_glue.cpp checks the arguments and allocates.
 //
 // One row per task (at::parallel_for over rows), no sort of the vocabulary:
-//   1. one pass: validity (NaN / +inf / no finite value), max, first argmax; z = x / T kept in a
-//      per-thread buffer (the row is re-read from cache, not memory, by the later passes);
-//   2. top-k: a 4096-bin histogram of the order-preserving integer image of z finds the bin
-//      holding the k-th largest; only the elements at or above that bin (about k of them) are
-//      collected and partially sorted;
+//   1. one pass: validity (NaN / +inf / no finite value), max, first argmax; without top-k,
+//      z = x / T is kept in a per-thread buffer (re-read from cache by the later passes);
+//   2. top-k, fused into pass 1: a token becomes a candidate only if its z reaches the k-th
+//      largest z seen so far, so only ~k candidates are ever partially sorted;
 //   3. top-p: on the top-k candidates directly, or, over the whole vocabulary, a mass histogram
-//      on the same bins narrows the boundary to one bin, and only that bin is sorted;
+//      on the order-preserving integer image of z (4096 bins) narrows the boundary to one bin,
+//      and only that bin is sorted;
 //   4. the exponential race (Philox, csrc/include/lmkern/philox.h) over the survivors. Without a
 //      candidate list it runs over the row, skipping every token whose logit is too far below
 //      the best key so far for any Gumbel noise to lift it (the noise is bounded, see kGumbelMax):
@@ -105,24 +105,43 @@ inline float race_key(float z, uint64_t seed, int64_t i, uint32_t stream) {
   return z - std::log(-std::log(u));
 }
 
-// Keeps in s.cand exactly the tokens with z >= the k-th largest z (0 < k < V).
-void select_top_k(const float* z, int64_t V, int64_t k, Scratch& s) {
-  s.counts.assign(kBins, 0);
-  for (int64_t i = 0; i < V; ++i) ++s.counts[bin_of(z[i])];
-  int64_t above = 0;
-  uint32_t bin = kBins - 1;
-  for (;; --bin) {
-    above += s.counts[bin];
-    if (above >= k || bin == 0) break;
-  }
+// Top-k fused into the first read of the row: validity, max, z = x / T, and the candidates.
+// A token is kept as a candidate only if z >= the k-th largest z seen so far (a running bound
+// refreshed with nth_element whenever the buffer fills), so after the first few thousand tokens
+// almost every token costs a compare. Leaves exactly the tokens with z >= t_k in s.cand.
+// Returns false for an invalid row.
+template <class T>
+bool fused_top_k(const T* x, int64_t V, float temp, int64_t k, Scratch& s) {
+  const size_t cap = static_cast<size_t>(std::max<int64_t>(4 * k, 4096));
   s.cand.clear();
-  for (int64_t i = 0; i < V; ++i)
-    if (bin_of(z[i]) >= bin) s.cand.push_back({z[i], i});
-  std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), before);
-  const float t_k = s.cand[k - 1].z;
-  s.cand.erase(std::remove_if(s.cand.begin(), s.cand.end(),
-                              [t_k](const Candidate& c) { return c.z < t_k; }),
-               s.cand.end());
+  s.cand.reserve(cap);
+  float bound = -kInf, vmax = -kInf;
+  bool bad = false;
+  auto shrink = [&] {
+    std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), before);
+    bound = s.cand[k - 1].z;
+    s.cand.erase(std::remove_if(s.cand.begin(), s.cand.end(),
+                                [bound](const Candidate& c) { return c.z < bound; }),
+                 s.cand.end());
+  };
+  size_t limit = cap;
+  for (int64_t i = 0; i < V; ++i) {
+    const float v = static_cast<float>(x[i]);
+    bad |= (v != v) | (v == kInf);
+    vmax = v > vmax ? v : vmax;
+    const float z = v / temp;
+    if (z >= bound) {
+      s.cand.push_back({z, i});
+      if (s.cand.size() >= limit) {
+        shrink();
+        // Many tokens tied at the bound stay: grow rather than re-select every push.
+        limit = std::max(cap, 2 * s.cand.size());
+      }
+    }
+  }
+  if (bad || vmax == -kInf) return false;
+  if (static_cast<int64_t>(s.cand.size()) > k) shrink();
+  return true;
 }
 
 // Top-p on a candidate list holding every token still in play: keeps z >= t_p, t_p the z of the
@@ -198,12 +217,10 @@ RowParams row_params(const SampleParams& p, int64_t r) {
   return q;
 }
 
+// Every path but top-k (no filter, top-p and/or min-p over the whole row, greedy): returns the id
+// (-1 for an invalid row) and the raw max in xmax_out.
 template <class T>
-void sample_row(const SampleParams& p, int64_t r, Scratch& s) {
-  const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
-  const int64_t V = p.V;
-  const RowParams q = row_params(p, r);
-
+int64_t sample_row_full(const T* x, int64_t V, const RowParams& q, Scratch& s, float& xmax_out) {
   // Pass 1: validity, max and first argmax of the raw logits.
   float xmax = -kInf;
   int64_t imax = 0;
@@ -216,50 +233,62 @@ void sample_row(const SampleParams& p, int64_t r, Scratch& s) {
       imax = i;
     }
   }
-  if (bad || xmax == -kInf) {
-    p.ids[r] = -1;
-    if (p.logprobs) p.logprobs[r] = kNaN;
-    return;
+  xmax_out = xmax;
+  if (bad || xmax == -kInf) return -1;
+  if (q.temperature == 0.f) return imax;  // greedy
+
+  const float temp = q.temperature;
+  s.z.resize(V);
+  float* z = s.z.data();
+  for (int64_t i = 0; i < V; ++i) z[i] = static_cast<float>(x[i]) / temp;
+  const float zmax = xmax / temp;  // division by T > 0 preserves order
+  const bool m_active = q.min_p > 0.f;
+  const float threshold = q.top_p < 1.f ? top_p_threshold(z, V, zmax, q.top_p, s) : -kInf;
+  Best best;
+  best.offer(race_key(zmax, q.seed, imax, q.stream), imax);  // the max always survives
+  for (int64_t i = 0; i < V; ++i) {
+    const float zi = z[i];
+    // The margin scales with |z| so that fp32 rounding of the key cannot defeat the bound.
+    if (zi < threshold || zi + kGumbelMax + std::fabs(zi) * 1e-6f < best.key) continue;
+    if (m_active && std::exp(zi - zmax) < q.min_p) continue;
+    best.offer(race_key(zi, q.seed, i, q.stream), i);
   }
+  return best.index;
+}
 
-  int64_t id = imax;  // greedy (temperature 0)
-  if (q.temperature != 0.f) {
-    const float temp = q.temperature;
-    s.z.resize(V);
-    float* z = s.z.data();
-    for (int64_t i = 0; i < V; ++i) z[i] = static_cast<float>(x[i]) / temp;
-    const float zmax = xmax / temp;  // division by T > 0 preserves order
-    const bool k_active = q.top_k > 0 && q.top_k < V;
-    const bool p_active = q.top_p < 1.f;
-    const bool m_active = q.min_p > 0.f;
-    auto min_p_drops = [&](float zi) { return m_active && std::exp(zi - zmax) < q.min_p; };
-
-    Best best;
-    if (k_active) {
-      select_top_k(z, V, q.top_k, s);
-      if (p_active) top_p_on_list(zmax, q.top_p, s);
+template <class T>
+void sample_row(const SampleParams& p, int64_t r, Scratch& s) {
+  const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
+  const int64_t V = p.V;
+  const RowParams q = row_params(p, r);
+  int64_t id;
+  float xmax;
+  if (q.temperature != 0.f && q.top_k > 0 && q.top_k < V) {
+    // Top-k: one pass over the row, then only the ~k candidates.
+    id = -1;
+    if (fused_top_k(x, V, q.temperature, q.top_k, s)) {
+      xmax = -kInf;
+      for (const Candidate& c : s.cand) xmax = std::max(xmax, static_cast<float>(x[c.index]));
+      const float zmax = xmax / q.temperature;
+      if (q.top_p < 1.f) top_p_on_list(zmax, q.top_p, s);
+      Best best;
       for (const Candidate& c : s.cand)
-        if (!min_p_drops(c.z)) best.offer(race_key(c.z, q.seed, c.index, q.stream), c.index);
-    } else {
-      const float threshold = p_active ? top_p_threshold(z, V, zmax, q.top_p, s) : -kInf;
-      best.offer(race_key(zmax, q.seed, imax, q.stream), imax);  // the max always survives
-      for (int64_t i = 0; i < V; ++i) {
-        const float zi = z[i];
-        // The margin scales with |z| so that fp32 rounding of the key cannot defeat the bound.
-        if (zi < threshold || zi + kGumbelMax + std::fabs(zi) * 1e-6f < best.key) continue;
-        if (min_p_drops(zi)) continue;
-        best.offer(race_key(zi, q.seed, i, q.stream), i);
-      }
+        if (!(q.min_p > 0.f && std::exp(c.z - zmax) < q.min_p))
+          best.offer(race_key(c.z, q.seed, c.index, q.stream), c.index);
+      id = best.index;
     }
-    id = best.index;
+  } else {
+    id = sample_row_full(x, V, q, s, xmax);
   }
   p.ids[r] = id;
-
-  if (p.logprobs) {  // log_softmax of the raw logits at the chosen id
-    double sum = 0;
-    for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<float>(x[i]) - xmax);
-    p.logprobs[r] = static_cast<float>(static_cast<float>(x[id]) - xmax - std::log(sum));
+  if (!p.logprobs) return;
+  if (id < 0) {
+    p.logprobs[r] = kNaN;
+    return;
   }
+  double sum = 0;  // log_softmax of the raw logits at the chosen id
+  for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<float>(x[i]) - xmax);
+  p.logprobs[r] = static_cast<float>(static_cast<float>(x[id]) - xmax - std::log(sum));
 }
 
 template <class T>
