@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--device cpu|cuda] [--quick] [--out DIR] [--no-readme]
 
-Writes benchmarks/results/<device>.json (and DIR/<device>.json with --out), one PNG plot per suite,
+Writes (except with --quick) benchmarks/results/<device>.json (and DIR/<device>.json with --out), one PNG plot per suite,
 and the suite's table into README.md between its markers; prints the tables and the targets.
 """
 
@@ -116,7 +116,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.render:
         return render(args.render)
-    out_dirs = [harness.RESULTS_DIR] + ([args.out] if args.out else [])
+    # A --quick smoke run never replaces the committed full results.
+    out_dirs = ([] if args.quick else [harness.RESULTS_DIR]) + ([args.out] if args.out else [])
     for d in out_dirs:
         os.makedirs(d, exist_ok=True)
     for suite in args.suite or sorted(SUITES):

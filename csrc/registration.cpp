@@ -1,11 +1,11 @@
 // Every lmkern operator schema, in one place. Implementations are registered per dispatch key
 // next to their kernels (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cpp for CUDA); fake (meta)
-// implementations and autograd formulas are registered from Python in the module named by
-// set_python_module, which `import lmkern` loads.
+// implementations and autograd formulas are registered from Python, one module per op family
+// under lmkern/ops/, which `import lmkern` loads. (No set_python_module: torch requires every
+// fake of a library to live in that one module.)
 #include <torch/library.h>
 
 TORCH_LIBRARY(lmkern, m) {
-  m.set_python_module("lmkern.ops");
   // Normalization over the last dim of a 2-D input (M, N); the Python layer flattens leading
   // dims and normalized_shape. `residual`, when given, is added first: residual_out = input +
   // residual (rounded to input's dtype) and the norm is taken of residual_out. Without a
