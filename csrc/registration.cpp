@@ -31,10 +31,12 @@ TORCH_LIBRARY(lmkern, m) {
   // One token per row of 2-D logits (B, V); the math is lmkern/reference/sampling.py. Each
   // optional (B,) tensor replaces its scalar (temperatures fp32, top_ks int64, top_ps/min_ps
   // fp32, seeds int64). ids is int64 (B,), -1 for an invalid row; logprobs is fp32 (B,), or empty
-  // when need_logprobs is false. Not differentiable.
+  // when need_logprobs is false. Not differentiable. seed and top_k are SymInt so that under
+  // torch.compile a changing value stays a graph input instead of recompiling per value; the C++
+  // kernels still take them as int64_t.
   m.def(
-      "sample(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
-      "Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps, int seed, "
+      "sample(Tensor logits, float temperature, SymInt top_k, float top_p, float min_p, "
+      "Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps, SymInt seed, "
       "Tensor? seeds, bool need_logprobs) -> (Tensor ids, Tensor logprobs)");
   // fp32 softmax(logits / T) of 2-D logits over the last dim; temperatures (B,) fp32 replaces T.
   m.def("softmax(Tensor logits, float temperature, Tensor? temperatures) -> Tensor");

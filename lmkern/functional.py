@@ -330,6 +330,11 @@ def sample(
         ValueError if a row has a NaN or +inf logit or no finite logit (``-inf`` logits are
         valid and never drawn), naming the first such row. The check needs the ids on the host;
         under torch.compile it is skipped and such rows come back as id -1 (logprob NaN).
+
+    Under torch.compile(fullgraph=True): an int ``seed`` or ``top_k`` that changes between calls
+    becomes a graph input after the first recompile; a Python float (temperature, top_p, min_p)
+    is a constant of the graph, so pass a tensor for values that change; ``generator=`` cannot be
+    traced (use ``seed=``, or neither: the keys then come from torch's RNG inside the graph).
     """
     op = "sample"
     _check_logits(op, logits)

@@ -364,10 +364,15 @@ def test_torch_compile_fullgraph(device_backend):
 def test_torch_compile_with_changing_seed_and_batch(device_backend):
     device, backend = device_backend
     torch._dynamo.reset()
-    f = torch.compile(lambda x, s: lmkern.sample(x, 0.9, top_k=20, seed=s, backend=backend), fullgraph=True, dynamic=True)
-    for B, s in ((3, 1), (5, 2), (7, -5), (9, 2**63 - 1), (4, U64 - 2)):
-        x = _logits(B, 64, device)
-        assert torch.equal(f(x, s), lmkern.sample(x, 0.9, top_k=20, seed=s, backend=backend)), (B, s)
+    f = torch.compile(lambda x, s, T: lmkern.sample(x, T, top_k=20, seed=s, backend=backend), fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(recompile_limit=1):  # new seeds and batch sizes do not recompile
+        for B, s in ((3, 1), (5, 2), (7, -5), (9, 2**63 - 1), (6, 12345)):
+            x = _logits(B, 64, device)
+            T = torch.rand(B, device=device) + 0.5
+            assert torch.equal(f(x, s, T), lmkern.sample(x, T, top_k=20, seed=s, backend=backend)), (B, s)
+    # a seed outside the int64 range is reduced mod 2**64 first (a separate graph)
+    x = _logits(4, 64, device)
+    assert torch.equal(f(x, U64 - 2, 0.9), lmkern.sample(x, 0.9, top_k=20, seed=-2, backend=backend))
 
 
 # ----------------------------------------------------------------------------- softmax

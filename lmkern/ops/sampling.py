@@ -134,11 +134,13 @@ if triton_sampling is not None:
             return ids, logprobs
         if logits.shape[1] == 0:
             raise ValueError("lmkern.sample_triton: logits must have at least one column (V >= 1)")
+        # scalars pass through unconverted: under torch.compile a dynamic seed is a SymInt, and
+        # int() on it would specialize the graph to each new seed
         triton_sampling.sample(
-            _rows_unit_stride(logits), float(temperature), int(top_k), float(top_p), float(min_p),
+            _rows_unit_stride(logits), temperature, top_k, top_p, min_p,
             _row_param(temperatures, torch.float32), _row_param(top_ks, torch.int64),
             _row_param(top_ps, torch.float32), _row_param(min_ps, torch.float32),
-            int(seed), _row_param(seeds, torch.int64), ids, logprobs if need_logprobs else None,
+            seed, _row_param(seeds, torch.int64), ids, logprobs if need_logprobs else None,
         )
         return ids, logprobs
 
@@ -148,7 +150,7 @@ if triton_sampling is not None:
         probs = logits.new_empty(logits.shape, dtype=torch.float32)
         if probs.numel() == 0:
             return probs
-        triton_sampling.softmax(_rows_unit_stride(logits), float(temperature), _row_param(temperatures, torch.float32), probs)
+        triton_sampling.softmax(_rows_unit_stride(logits), temperature, _row_param(temperatures, torch.float32), probs)
         return probs
 
 
