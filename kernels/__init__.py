@@ -11,3 +11,4 @@ import triton
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
 from . import norm  # noqa: E402,F401  (a broken kernel module removes the Triton backend, with its reason)
+from . import sampling  # noqa: E402,F401

@@ -1,0 +1,391 @@
+"""Fused sampling and temperature softmax in Triton over the rows of (B, V) logits.
+
+Contract: ``lmkern::sample`` / ``lmkern::softmax`` (csrc/registration.cpp), math specified in
+lmkern/reference/sampling.py, random words in csrc/include/lmkern/philox.h (``tl.philox`` computes
+the same Philox4x32-10 words, bit for bit). No sort of the vocabulary: every step streams the row.
+
+A program owns BLOCK_B rows and walks them in [BLOCK_B, BLOCK_V] tiles (many short rows per program
+for small vocabularies, one row per program for large ones). Per row, ``_sample_kernel`` makes:
+  pass A   validity flags (NaN / +inf / no finite logit), max, first argmax and sum of exp(x - max)
+           of the raw logits (greedy rows, T == 0, end here);
+  top-k    the k-th largest z = x / T (counting repeats) as a threshold on the order-preserving
+           uint32 image of z: a 2^RADIX_BITS-way search that fixes RADIX_BITS bits per pass,
+           counting the keys at or above each pivot, and stops early once the bucket is exact;
+  top-p    the same search over the top-k survivors with their probability mass (exp(z - z_max) in
+           fixed point, so sums are exact and independent of the order of addition): the largest
+           key at or above which the mass reaches ceil(p * total);
+  race     over the survivors (key >= both thresholds, exp(z - z_max) >= min_p): the largest
+           z - log(-log(u_i)), u_i from Philox at counter (i, stream), first index on ties. A tile
+           none of whose tokens can beat the best key so far (the Gumbel noise is bounded) is
+           skipped before its random words are made.
+The logprob is log_softmax(x)[id] = x[id] - max - log(sum), from pass A.
+
+``_softmax_kernel``: an online max / sum of exp pass, then the writes.
+
+Launchers are plain functions over preallocated outputs; lmkern/ops/sampling.py wraps them in
+torch.library.triton_op (every launch goes through torch.library.wrap_triton).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from . import INTERPRET
+
+# Tile sizes (elements per [BLOCK_B, BLOCK_V] tile). The search passes hold a
+# [BLOCK_B, 2^RADIX_BITS, BLOCK_V] comparison, so their tile is what bounds registers on a GPU.
+# The interpreter runs each tile op through numpy: larger tiles there mean fewer Python steps.
+SAMPLE_TILE = 16384 if INTERPRET else 1024
+SOFTMAX_TILE = 16384 if INTERPRET else 4096
+RADIX_BITS = 4  # 16-way search: 8 passes pin down a 32-bit key (fewer with the early exit)
+MIN_BLOCK_V = 16
+
+# -log(-log(u)) <= 16.6355 for every u uniform_open01 returns; the margin covers fp32 rounding of
+# the key (the same bound as csrc/include/lmkern/sampling_math.h).
+GUMBEL_MAX = 16.75
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+@triton.jit
+def _load_z(X, rows64, stride_x, cols, mask, inv_t):
+    """fp32 z = x / T of a [BLOCK_B, BLOCK_V] tile (0 in masked lanes); inv_t is [BLOCK_B, 1]."""
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x / inv_t
+
+
+@triton.jit
+def _ordered_key(z):
+    """int64 in [0, 2^32): a < b as floats <=> key(a) < key(b) (non-NaN); -0 and +0 share a key,
+    as the reference's float comparisons see them."""
+    bits = z.to(tl.uint32, bitcast=True).to(tl.int64)
+    bits = tl.where(bits == 0x80000000, 0, bits)
+    return tl.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
+@triton.jit
+def _fixed_mass(z, zmax, frac_scale):
+    """exp(z - z_max) in [0, 1] times 2^frac_bits, rounded half up, as int64 (exact sums)."""
+    # min(., 0): lanes outside the row (z = 0) must not overflow; survivors have z <= z_max anyway
+    scaled = tl.exp(tl.minimum(z - zmax, 0.0)) * frac_scale  # a power-of-two scale: exact in fp32
+    low = tl.floor(scaled)
+    return low.to(tl.int64) + (scaled - low >= 0.5).to(tl.int64)
+
+
+@triton.jit
+def _threshold_search(
+    X, rows64, stride_x, V, inv_t, zmax, active, need, floor_key, frac_scale,
+    BY_MASS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, RADIX_BITS: tl.constexpr,
+):
+    """Per row, the largest key t with Q(t) >= need, where Q(t) counts (BY_MASS: sums the mass of)
+    the tokens with key >= max(t, floor_key). Q only changes at keys present in the row, so t is one
+    of them, and {key >= t} is the filter's survivor set. Requires Q(0) >= need (the caller
+    guarantees it). Inactive rows return 0 (keep everything)."""
+    R: tl.constexpr = 1 << RADIX_BITS
+    LEVELS: tl.constexpr = 32 // RADIX_BITS
+    j = tl.arange(0, R).to(tl.int64)
+    lo = tl.zeros([BLOCK_B], dtype=tl.int64)
+    count_above = tl.zeros([BLOCK_B], dtype=tl.int64)  # tokens with key >= lo + span
+    todo = active
+    for level in tl.static_range(LEVELS):
+        step = 1 << (32 - RADIX_BITS * (level + 1))
+        if tl.max(todo.to(tl.int32), axis=0) > 0:
+            pivots = lo[:, None] + j[None, :] * step  # [BLOCK_B, R]; pivot 0 is lo, known to qualify
+            counts = tl.zeros([BLOCK_B, R], dtype=tl.int64)
+            masses = tl.zeros([BLOCK_B, R], dtype=tl.int64)
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                mask = todo[:, None] & (cols < V)[None, :]
+                z = _load_z(X, rows64, stride_x, cols, mask, inv_t)
+                key = _ordered_key(z)
+                if BY_MASS:
+                    mask = mask & (key >= floor_key[:, None])
+                ge = (key[:, None, :] >= pivots[:, :, None]) & mask[:, None, :]  # [BLOCK_B, R, BLOCK_V]
+                counts += tl.sum(ge.to(tl.int64), axis=2)
+                if BY_MASS:
+                    mass = _fixed_mass(z, zmax[:, None], frac_scale)
+                    masses += tl.sum(tl.where(ge, mass[:, None, :], 0), axis=2)
+            quantity = masses if BY_MASS else counts
+            best = tl.max(tl.where(quantity >= need[:, None], j[None, :], 0), axis=1)  # [BLOCK_B]
+            at_best = tl.sum(tl.where(j[None, :] == best[:, None], counts, 0), axis=1)
+            after = tl.sum(tl.where(j[None, :] == best[:, None] + 1, counts, 0), axis=1)
+            after = tl.where(best == R - 1, count_above, after)
+            quantity_at_best = tl.sum(tl.where(j[None, :] == best[:, None], quantity, 0), axis=1)
+            # Done once {key >= new lo} is the answer: one token left in the bucket, or (top-k)
+            # exactly `need` tokens at or above it.
+            exact = at_best - after <= 1
+            if not BY_MASS:
+                exact = exact | (quantity_at_best == need)
+            lo = tl.where(todo, lo + best * step, lo)
+            count_above = tl.where(todo, after, count_above)
+            todo = todo & ~exact
+    return lo
+
+
+# ----------------------------------------------------------------------------- sample
+
+
+@triton.jit
+def _sample_kernel(
+    X, stride_x, B, V,
+    temperature, top_k, top_p, min_p, Temps, TopKs, TopPs, MinPs, seed, Seeds,
+    Ids, Logprobs, frac_scale,
+    HAS_TEMPS: tl.constexpr, HAS_TOPKS: tl.constexpr, HAS_TOPPS: tl.constexpr, HAS_MINPS: tl.constexpr,
+    HAS_SEEDS: tl.constexpr, ANY_TOP_K: tl.constexpr, ANY_TOP_P: tl.constexpr, ANY_MIN_P: tl.constexpr,
+    NEED_LOGPROBS: tl.constexpr, GUMBEL_MAX: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, RADIX_BITS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_in = rows < B
+    rows64 = rows.to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_V)
+
+    # Per-row parameters: the tensor's value when given, else the scalar.
+    if HAS_TEMPS:
+        T = tl.load(Temps + rows64, mask=row_in, other=1.0)
+    else:
+        T = tl.full([BLOCK_B], temperature, tl.float32)
+    if HAS_TOPKS:
+        k = tl.load(TopKs + rows64, mask=row_in, other=0)
+    else:
+        k = tl.full([BLOCK_B], top_k, tl.int64)
+    if HAS_TOPPS:
+        p = tl.load(TopPs + rows64, mask=row_in, other=1.0)
+    else:
+        p = tl.full([BLOCK_B], top_p, tl.float32)
+    if HAS_MINPS:
+        m = tl.load(MinPs + rows64, mask=row_in, other=0.0)
+    else:
+        m = tl.full([BLOCK_B], min_p, tl.float32)
+    if HAS_SEEDS:
+        row_seed = tl.load(Seeds + rows64, mask=row_in, other=0)
+        stream = tl.zeros([BLOCK_B], dtype=tl.uint32)
+    else:
+        row_seed = tl.full([BLOCK_B], seed, tl.int64)
+        stream = rows.to(tl.uint32)
+
+    # Pass A: validity, max, first argmax, sum of exp(x - max) of the raw logits.
+    xmax = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    sumexp = tl.zeros([BLOCK_B], dtype=tl.float32)
+    imax = tl.full([BLOCK_B], 0, tl.int64)
+    bad = tl.zeros([BLOCK_B], dtype=tl.int1)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        mask = row_in[:, None] & (cols < V)[None, :]
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        bad = bad | (tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=1) > 0)
+        x = tl.where(x == x, x, float("-inf"))  # NaN rows are invalid; keep the max NaN-free
+        tile_max = tl.max(x, axis=1)
+        tile_arg = tl.min(tl.where(x == tile_max[:, None], cols[None, :], V), axis=1).to(tl.int64)
+        new_max = tl.maximum(xmax, tile_max)
+        rescale = tl.where(xmax == new_max, 1.0, tl.exp(xmax - new_max))
+        terms = tl.where(x == float("-inf"), 0.0, tl.exp(x - new_max[:, None]))
+        sumexp = sumexp * rescale + tl.sum(terms, axis=1)
+        imax = tl.where(tile_max > xmax, tile_arg, imax)  # strict: an earlier tile keeps ties
+        xmax = new_max
+    # Invalid: NaN / +inf logits, no finite logit, or a temperature that is not finite and >= 0.
+    valid = row_in & ~bad & (xmax > float("-inf")) & (T >= 0) & (T < float("inf"))
+    greedy = T == 0
+    drawing = valid & ~greedy
+    inv_t = tl.where(drawing, T, 1.0)[:, None]
+    zmax = tl.where(drawing, xmax / tl.where(drawing, T, 1.0), 0.0)  # division by T > 0 keeps the order
+
+    # top-k: keep key >= the k-th largest key.
+    top_k_key = tl.zeros([BLOCK_B], dtype=tl.int64)
+    if ANY_TOP_K:
+        k_active = drawing & (k > 0) & (k < V)
+        top_k_key = _threshold_search(
+            X, rows64, stride_x, V, inv_t, zmax, k_active, k, top_k_key, frac_scale,
+            False, BLOCK_B, BLOCK_V, RADIX_BITS,
+        )
+    # top-p over the top-k survivors: keep key >= the largest key at or above which the mass
+    # reaches ceil(p * total) (at least 1: the most likely token always survives).
+    top_p_key = tl.zeros([BLOCK_B], dtype=tl.int64)
+    if ANY_TOP_P:
+        p_active = drawing & (p < 1.0)
+        total = tl.zeros([BLOCK_B], dtype=tl.int64)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            mask = p_active[:, None] & (cols < V)[None, :]
+            z = _load_z(X, rows64, stride_x, cols, mask, inv_t)
+            mask = mask & (_ordered_key(z) >= top_k_key[:, None])
+            total += tl.sum(tl.where(mask, _fixed_mass(z, zmax[:, None], frac_scale), 0), axis=1)
+        goal = p.to(tl.float64) * total.to(tl.float64)
+        need = goal.to(tl.int64)
+        need = need + (need.to(tl.float64) < goal).to(tl.int64)  # ceil
+        need = tl.maximum(need, 1)
+        top_p_key = _threshold_search(
+            X, rows64, stride_x, V, inv_t, zmax, p_active, need, top_k_key, frac_scale,
+            True, BLOCK_B, BLOCK_V, RADIX_BITS,
+        )
+    floor_key = tl.maximum(top_k_key, top_p_key)
+
+    # The race over the survivors.
+    best_key = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    best_id = imax
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        mask = drawing[:, None] & (cols < V)[None, :]
+        z = _load_z(X, rows64, stride_x, cols, mask, inv_t)
+        # A token whose z plus the largest possible noise stays below the best key cannot win; the
+        # margin scales with |z| so that fp32 rounding of the key cannot defeat the bound.
+        contender = mask & (z + GUMBEL_MAX + tl.abs(z) * 1e-6 >= best_key[:, None])
+        contender = contender & (z > float("-inf")) & (_ordered_key(z) >= floor_key[:, None])
+        if ANY_MIN_P:
+            contender = contender & ((m[:, None] <= 0) | (tl.exp(z - zmax[:, None]) >= m[:, None]))
+        if tl.max(tl.max(contender.to(tl.int32), axis=1), axis=0) > 0:
+            c0 = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.uint32) + cols[None, :].to(tl.uint32)
+            c1 = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.uint32) + stream[:, None]
+            zero = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.uint32)
+            word, _, _, _ = tl.philox(row_seed[:, None], c0, c1, zero, zero)
+            u = (((word >> 9) << 1) | 1).to(tl.float32) * 5.9604644775390625e-08  # (0, 1), as philox.h
+            race = tl.where(contender, z - tl.log(-tl.log(u)), float("-inf"))
+            tile_best = tl.max(race, axis=1)
+            tile_id = tl.min(tl.where(contender & (race == tile_best[:, None]), cols[None, :], V), axis=1)
+            better = tile_best > best_key  # strict: earlier tiles win ties (first index)
+            best_id = tl.where(better, tile_id.to(tl.int64), best_id)
+            best_key = tl.where(better, tile_best, best_key)
+
+    ids = tl.where(greedy, imax, best_id)
+    tl.store(Ids + rows64, tl.where(valid, ids, -1), mask=row_in)
+    if NEED_LOGPROBS:
+        x_id = tl.load(X + rows64 * stride_x + ids, mask=valid, other=0.0).to(tl.float32)
+        logprob = x_id - xmax - tl.log(sumexp)
+        tl.store(Logprobs + rows64, tl.where(valid, logprob, float("nan")), mask=row_in)
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+@triton.jit
+def _softmax_kernel(
+    X, stride_x, B, V, temperature, Temps, Probs,
+    HAS_TEMPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_in = rows < B
+    rows64 = rows.to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_V)
+    if HAS_TEMPS:
+        T = tl.load(Temps + rows64, mask=row_in, other=1.0)
+    else:
+        T = tl.full([BLOCK_B], temperature, tl.float32)
+    # Pass 1: NaN flag, max and first argmax of x, online sum of exp(x / T - max / T).
+    xmax = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    sumexp = tl.zeros([BLOCK_B], dtype=tl.float32)
+    imax = tl.full([BLOCK_B], 0, tl.int64)
+    nan = tl.zeros([BLOCK_B], dtype=tl.int1)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        mask = row_in[:, None] & (cols < V)[None, :]
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        nan = nan | (tl.max((x != x).to(tl.int32), axis=1) > 0)
+        x = tl.where(x == x, x, float("-inf"))
+        tile_max = tl.max(x, axis=1)
+        tile_arg = tl.min(tl.where(x == tile_max[:, None], cols[None, :], V), axis=1).to(tl.int64)
+        new_max = tl.maximum(xmax, tile_max)
+        t_safe = tl.where(T == 0, 1.0, T)
+        # exp((x - max) / T): +inf logits give inf - inf = NaN, as torch.softmax does
+        rescale = tl.where(xmax == new_max, 1.0, tl.exp((xmax - new_max) / t_safe))
+        terms = tl.where(x == float("-inf"), 0.0, tl.exp(x / t_safe[:, None] - new_max[:, None] / t_safe[:, None]))
+        sumexp = sumexp * rescale + tl.sum(terms, axis=1)
+        imax = tl.where(tile_max > xmax, tile_arg, imax)
+        xmax = new_max
+    one_hot = (T == 0) & ~nan  # the limit T -> 0: one-hot at the first argmax
+    zmax = tl.where(nan, float("nan"), xmax / T)
+    inv_sum = 1.0 / sumexp
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        mask = row_in[:, None] & (cols < V)[None, :]
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        probs = tl.exp(x / T[:, None] - zmax[:, None]) * inv_sum[:, None]
+        probs = tl.where(one_hot[:, None], (cols[None, :] == imax[:, None]).to(tl.float32), probs)
+        tl.store(Probs + rows64[:, None] * V + cols[None, :], probs, mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _tile(B: int, V: int, tile_elems: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_V, num_warps): whole short rows batched up to tile_elems, long rows looped."""
+    block_v = max(MIN_BLOCK_V, min(triton.next_power_of_2(V), tile_elems))
+    block_b = max(1, min(tile_elems // block_v, triton.next_power_of_2(B)))
+    num_warps = max(1, min(8, block_b * block_v // 256))
+    return block_b, block_v, num_warps
+
+
+def _check_rows(logits: Tensor, name: str) -> int:
+    if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
+        raise ValueError(f"lmkern.kernels.sampling: {name} must be 2-D with element stride 1, got shape "
+                         f"{tuple(logits.shape)} and strides {logits.stride()}")
+    return logits.stride(0)
+
+
+def mass_frac_bits(V: int) -> int:
+    """Fixed-point bits of the probability mass: V masses of at most 1 sum below 2^63
+    (as csrc/include/lmkern/sampling_math.h)."""
+    return min(62, 63 - V.bit_length())  # V < 2^bit_length
+
+
+def sample(
+    logits: Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    temperatures: Optional[Tensor],
+    top_ks: Optional[Tensor],
+    top_ps: Optional[Tensor],
+    min_ps: Optional[Tensor],
+    seed: int,
+    seeds: Optional[Tensor],
+    ids: Tensor,
+    logprobs: Optional[Tensor],
+) -> None:
+    """One token per row of (B, V) logits into ids (B,) int64 and, if given, logprobs (B,) fp32.
+
+    logits: element stride 1, any row stride. Per-row tensors (B,) contiguous on the logits'
+    device (temperatures / top_ps / min_ps float32, top_ks / seeds int64) replace their scalars;
+    ``seed`` is the int64 bit pattern of the 64-bit Philox key.
+    """
+    B, V = logits.shape
+    stride_x = _check_rows(logits, "logits")
+    if B == 0:
+        return
+    block_b, block_v, num_warps = _tile(B, V, SAMPLE_TILE)
+    # Which filter passes may run at all (constexpr: a disabled filter costs nothing).
+    any_top_k = top_ks is not None or 0 < top_k < V
+    any_top_p = top_ps is not None or top_p < 1.0
+    any_min_p = min_ps is not None or min_p > 0.0
+    wrap_triton(_sample_kernel)[(triton.cdiv(B, block_b),)](
+        logits, stride_x, B, V,
+        temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps, seed, seeds,
+        ids, logprobs, float(2.0 ** mass_frac_bits(V)),
+        HAS_TEMPS=temperatures is not None, HAS_TOPKS=top_ks is not None, HAS_TOPPS=top_ps is not None,
+        HAS_MINPS=min_ps is not None, HAS_SEEDS=seeds is not None,
+        ANY_TOP_K=any_top_k, ANY_TOP_P=any_top_p, ANY_MIN_P=any_min_p,
+        NEED_LOGPROBS=logprobs is not None, GUMBEL_MAX=GUMBEL_MAX,
+        BLOCK_B=block_b, BLOCK_V=block_v, RADIX_BITS=RADIX_BITS, num_warps=num_warps,
+    )
+
+
+def softmax(logits: Tensor, temperature: float, temperatures: Optional[Tensor], probs: Tensor) -> None:
+    """probs (B, V) contiguous fp32 = softmax(logits / T) per row; T == 0: one-hot at the first argmax."""
+    B, V = logits.shape
+    stride_x = _check_rows(logits, "logits")
+    if B == 0 or V == 0:
+        return
+    block_b, block_v, num_warps = _tile(B, V, SOFTMAX_TILE)
+    wrap_triton(_softmax_kernel)[(triton.cdiv(B, block_b),)](
+        logits, stride_x, B, V, temperature, temperatures, probs,
+        HAS_TEMPS=temperatures is not None, BLOCK_B=block_b, BLOCK_V=block_v, num_warps=num_warps,
+    )
