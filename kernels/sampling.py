@@ -39,10 +39,13 @@ from torch.library import wrap_triton
 from . import INTERPRET
 
 # Tile sizes (elements per [BLOCK_B, BLOCK_V] tile). The search passes hold a
-# [BLOCK_B, 2^RADIX_BITS, BLOCK_V] comparison, so their tile is what bounds registers on a GPU.
+# [BLOCK_B, 2^RADIX_BITS, BLOCK_V] comparison, so their tile is what bounds registers on a GPU:
+# ptxas (sm_90) gives a one-row 1024 tile 145-165 registers at 4 warps, no spills; batched short
+# rows cost more per element (255 registers and a 32-byte spill for 4 x 128 at 8 warps).
 # The interpreter runs each tile op through numpy: larger tiles there mean fewer Python steps.
-SAMPLE_TILE = 16384 if INTERPRET else 1024
-SOFTMAX_TILE = 16384 if INTERPRET else 4096
+SAMPLE_TILE = 65536 if INTERPRET else 1024  # rows longer than a tile: one row per program
+SAMPLE_BATCH_TILE = 65536 if INTERPRET else 512  # short rows, several per program
+SOFTMAX_TILE = 65536 if INTERPRET else 4096
 RADIX_BITS = 4  # 16-way search: 8 passes pin down a 32-bit key (fewer with the early exit)
 MIN_BLOCK_V = 16
 
@@ -89,16 +92,17 @@ def _threshold_search(
     of them, and {key >= t} is the filter's survivor set. Requires Q(0) >= need (the caller
     guarantees it). Inactive rows return 0 (keep everything)."""
     R: tl.constexpr = 1 << RADIX_BITS
-    LEVELS: tl.constexpr = 32 // RADIX_BITS
     j = tl.arange(0, R).to(tl.int64)
     lo = tl.zeros([BLOCK_B], dtype=tl.int64)
-    count_above = tl.zeros([BLOCK_B], dtype=tl.int64)  # tokens with key >= lo + span
+    count_above = tl.zeros([BLOCK_B], dtype=tl.int32)  # tokens with key >= lo + span
     todo = active
-    for level in tl.static_range(LEVELS):
-        step = 1 << (32 - RADIX_BITS * (level + 1))
+    step = tl.full([], 1 << (32 - RADIX_BITS), tl.int64)  # the span of one bucket at this level
+    # A loop, not tl.static_range: unrolled, the levels multiplied the kernel's code (and its
+    # compile time on a GPU) by 32 / RADIX_BITS.
+    for level in range(32 // RADIX_BITS):
         if tl.max(todo.to(tl.int32), axis=0) > 0:
             pivots = lo[:, None] + j[None, :] * step  # [BLOCK_B, R]; pivot 0 is lo, known to qualify
-            counts = tl.zeros([BLOCK_B, R], dtype=tl.int64)
+            counts = tl.zeros([BLOCK_B, R], dtype=tl.int32)
             masses = tl.zeros([BLOCK_B, R], dtype=tl.int64)
             for start in range(0, V, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
@@ -108,11 +112,14 @@ def _threshold_search(
                 if BY_MASS:
                     mask = mask & (key >= floor_key[:, None])
                 ge = (key[:, None, :] >= pivots[:, :, None]) & mask[:, None, :]  # [BLOCK_B, R, BLOCK_V]
-                counts += tl.sum(ge.to(tl.int64), axis=2)
+                counts += tl.sum(ge.to(tl.int32), axis=2)
                 if BY_MASS:
                     mass = _fixed_mass(z, zmax[:, None], frac_scale)
                     masses += tl.sum(tl.where(ge, mass[:, None, :], 0), axis=2)
-            quantity = masses if BY_MASS else counts
+            if BY_MASS:
+                quantity = masses
+            else:
+                quantity = counts
             best = tl.max(tl.where(quantity >= need[:, None], j[None, :], 0), axis=1)  # [BLOCK_B]
             at_best = tl.sum(tl.where(j[None, :] == best[:, None], counts, 0), axis=1)
             after = tl.sum(tl.where(j[None, :] == best[:, None] + 1, counts, 0), axis=1)
@@ -126,6 +133,7 @@ def _threshold_search(
             lo = tl.where(todo, lo + best * step, lo)
             count_above = tl.where(todo, after, count_above)
             todo = todo & ~exact
+        step = step >> RADIX_BITS
     return lo
 
 
@@ -362,6 +370,9 @@ def sample(
     if B == 0:
         return
     block_b, block_v, num_warps = _tile(B, V, SAMPLE_TILE)
+    if block_b > 1:
+        block_b, block_v, _ = _tile(B, V, SAMPLE_BATCH_TILE)
+        num_warps = 8 if block_b * block_v >= 512 else num_warps
     # Which filter passes may run at all (constexpr: a disabled filter costs nothing).
     any_top_k = top_ks is not None or 0 < top_k < V
     any_top_p = top_ps is not None or top_p < 1.0
