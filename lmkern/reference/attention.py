@@ -242,13 +242,18 @@ def attention_with_kvcache(
     attends the first ``L_b = cache_seqlens[b]`` cache entries (the new tokens' keys are already
     among them); with ``causal`` (the default), query i attends keys j <= i + L_b - Sq
     (bottom-right within the prefix: the last query sees all L_b keys). Slots ``j >= L_b`` are
-    never read into the result, whatever they hold. Returns (B, Sq, Hq, D).
+    never read, whatever they hold (NaN included), and get zero gradient. Returns (B, Sq, Hq, D).
     """
     scale = _default_scale(softmax_scale, q.shape[-1])
-    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
-    kt, vt = _expand_kv_heads(kt, vt, qt.shape[1], 1)
     Sq, Smax = q.shape[1], k_cache.shape[1]
     lens = cache_seqlens.to(device=q.device, dtype=torch.int64).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    # Slots past the prefix are not read: zeroed, so garbage there (NaN, inf) cannot reach the
+    # output through 0 * NaN, as it cannot in a kernel that never loads them.
+    in_prefix = torch.arange(Smax, device=q.device).reshape(1, Smax, 1, 1) < lens
+    k_cache = torch.where(in_prefix, k_cache, torch.zeros((), dtype=k_cache.dtype, device=q.device))
+    v_cache = torch.where(in_prefix, v_cache, torch.zeros((), dtype=v_cache.dtype, device=q.device))
+    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    kt, vt = _expand_kv_heads(kt, vt, qt.shape[1], 1)
     pos_q = torch.arange(Sq, device=q.device).reshape(1, 1, Sq, 1)
     pos_k = torch.arange(Smax, device=q.device).reshape(1, 1, 1, Smax)
     allowed = pos_k < lens
