@@ -508,3 +508,24 @@ def test_bad_cache_seqlens():
         lmkern.attention_with_kvcache(q, kc, vc[:, :5], 3)
     with pytest.raises(ValueError, match="k_cache's head dim"):
         lmkern.attention_with_kvcache(q, kc[..., :4], vc[..., :4], 3)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def test_traces_with_fullgraph():
+    """Dynamo traces every entry point without a graph break (backend="eager": no Inductor
+    compile, which the kernel tests will cover); the host-synchronizing value checks of
+    cu_seqlens and cache_seqlens are skipped under compile."""
+    torch._dynamo.reset()
+    q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 7, 2, 8)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    cases = [
+        (lambda q, k: lmkern.flash_attention(q, k, k, causal=True, return_lse=True), (q, k)),
+        (lambda q, k: lmkern.attention_with_kvcache(q, k, k, lens), (q, k)),
+        (lambda q, k: lmkern.flash_attention(q, k, k, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), (q[0], k[0, :5])),
+        (lambda q, k: lmkern.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True), (q.transpose(1, 2), k.transpose(1, 2))),
+    ]
+    for fn, args in cases:
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(*args), fn(*args))
