@@ -18,9 +18,9 @@ with ``scale = 1 / sqrt(head_dim)`` unless given. Conventions shared by all thre
   in enable_gqa, and flash-attn's convention). Hkv == 1 is multi-query attention.
 * **Fully masked rows.** A query row that may attend no key at all (every key masked, a causal
   row before the first key, a sequence without keys) returns **zeros**, its lse is ``-inf``, and
-  every gradient through it is zero (never NaN). torch's math backend (CPU) has returned zeros
-  too since torch 2.5, but its fused CUDA backends and older versions return NaN: lmkern's
-  answer is zeros on every backend.
+  every gradient through it is zero (never NaN). torch's math backend (CPU) returns zeros too
+  (checked with torch 2.13), but older versions and some fused backends have returned NaN:
+  lmkern's answer is zeros on every backend.
 * **Causal masks** differ between the two APIs, as they do upstream:
   ``sdpa(is_causal=True)`` is torch's, aligned to the **top left**: query i attends keys
   ``j <= i``; ``flash_attention(causal=True)`` and ``attention_with_kvcache`` are flash-attn's,
