@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lmkern import dispatch
+from lmkern.ops import attention as attention_ops
 from lmkern.ops import norm as norm_ops
 from lmkern.ops import sampling as sampling_ops
 
@@ -422,3 +423,332 @@ def softmax(logits: Tensor, temperature: Union[float, Tensor] = 1.0, *, backend:
         x2d = x2d.contiguous()
     _, run = dispatch.select(op, backend, sampling_ops.sampling_spec(x2d))
     return run(x2d, T, Ts).reshape(logits.shape)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _check_bool(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"lmkern.{op}: {name} must be a bool, got {value!r}")
+    return value
+
+
+def _check_scale(op: str, name: str, value, head_dim: int) -> float:
+    """The softmax scale as a float: ``value``, or 1/sqrt(head_dim) when None."""
+    if value is None:
+        if head_dim == 0:
+            raise ValueError(f"lmkern.{op}: the head dimension is 0; pass an explicit {name}")
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(value, Tensor) or not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"lmkern.{op}: {name} must be a float or None, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"lmkern.{op}: {name} must be finite, got {value!r}")
+    return value
+
+
+def _check_qkv(op: str, tensors: dict, ranks: Union[int, tuple[int, ...]], layout: str) -> None:
+    """Type, dtype, device and rank of q/k/v-like tensors; the first one is the reference.
+    ``ranks``: the allowed numbers of dims, or an int: at least that many."""
+    first_name, first = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lmkern.{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"lmkern.{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in tensors.items():
+        if t.dtype != first.dtype:
+            raise TypeError(f"lmkern.{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+        if t.device != first.device:
+            raise ValueError(f"lmkern.{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+        if t.dim() < ranks if isinstance(ranks, int) else t.dim() not in ranks:
+            want = f"at least {ranks}-D" if isinstance(ranks, int) else " or ".join(f"{r}-D" for r in ranks)
+            raise ValueError(f"lmkern.{op}: {name} must be {want} {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_heads(op: str, hq: int, hkv: int, k_name: str, gqa_hint: str = "") -> None:
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"lmkern.{op}: the number of key/value heads ({hkv}, in {k_name}) must divide the number of "
+            f"query heads ({hq}){gqa_hint}"
+        )
+
+
+def _checking_values() -> bool:
+    """Value checks that need a host sync (cu_seqlens, cache_seqlens) are skipped under torch.compile."""
+    return not torch.compiler.is_compiling()
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Attention with torch.nn.functional.scaled_dot_product_attention's signature and semantics.
+
+    ``softmax(query @ key^T * scale + mask) @ value`` over the last two dims, math in float32
+    (float64 inputs in float64), output in query's dtype. The specification is
+    lmkern/reference/attention.py (``sdpa``).
+
+    Args:
+        query: (..., Hq, L, D), floating point.
+        key: (..., Hkv, S, D), value: (..., Hkv, S, Dv); same dtype, device and leading dims as
+            query (no broadcasting of batch dims).
+        attn_mask: optional, broadcastable to (..., Hq, L, S): bool (True = attend) or floating
+            (added to the scaled scores; ``-inf`` masks a key). Not with ``is_causal``.
+        dropout_p: in [0, 1]; dropout on the attention probabilities, drawn from torch's global
+            RNG (reproducible with torch.manual_seed; no kernel's random stream).
+        is_causal: torch's convention, aligned to the top left: query i attends keys j <= i,
+            also when L != S.
+        scale: defaults to 1/sqrt(D).
+        enable_gqa: allow Hkv < Hq (Hkv must divide Hq; query head h reads head h // (Hq/Hkv)).
+        backend: "auto" (default), "cuda", "triton", "cpu" or "reference"; overrides
+            LMKERN_BACKEND. Only the reference exists so far.
+
+    Returns:
+        (..., Hq, L, Dv) in query's dtype. A row that may attend no key (fully masked) is zeros,
+        with zero gradients: lmkern's documented answer where some torch backends give NaN.
+    """
+    op = "scaled_dot_product_attention"
+    _check_qkv(op, {"query": query, "key": key, "value": value}, 3, "(..., H, S, D)")
+    q, k, v = query, key, value
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(
+            f"lmkern.{op}: query, key and value must have the same number of dims, got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    lead = tuple(q.shape[:-3])
+    for name, t in (("key", k), ("value", v)):
+        if tuple(t.shape[:-3]) != lead:
+            raise ValueError(f"lmkern.{op}: {name} must have query's leading (batch) dims {lead}, got shape {tuple(t.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"lmkern.{op}: key's head dim ({k.shape[-1]}) must equal query's ({q.shape[-1]})")
+    if v.shape[-3] != k.shape[-3] or v.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"lmkern.{op}: value must have key's heads and length (..., {k.shape[-3]}, {k.shape[-2]}, Dv), "
+            f"got shape {tuple(v.shape)}"
+        )
+    enable_gqa = _check_bool(op, "enable_gqa", enable_gqa)
+    is_causal = _check_bool(op, "is_causal", is_causal)
+    hq, hkv = q.shape[-3], k.shape[-3]
+    if not enable_gqa and hq != hkv:
+        raise ValueError(
+            f"lmkern.{op}: key has {hkv} heads and query {hq}; pass enable_gqa=True for grouped-query attention"
+        )
+    _check_heads(op, hq, hkv, "key")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"lmkern.{op}: dropout_p must be a float, got {dropout_p!r}")
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"lmkern.{op}: dropout_p must be in [0, 1], got {dropout_p!r}")
+    scale = _check_scale(op, "scale", scale, q.shape[-1])
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"lmkern.{op}: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(f"lmkern.{op}: attn_mask must be bool (True = attend) or floating (additive), got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"lmkern.{op}: attn_mask is on {attn_mask.device} but query is on {q.device}")
+        if is_causal:
+            raise ValueError(f"lmkern.{op}: pass attn_mask or is_causal=True, not both")
+        target = lead + (hq, q.shape[-2], k.shape[-2])
+        try:
+            ok = torch.broadcast_shapes(tuple(attn_mask.shape), target) == torch.Size(target)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"lmkern.{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                f"(..., Hq, L, S) = {target}"
+            )
+    spec = attention_ops.attention_spec(q, k, v, gqa=hq != hkv, mask=None if attn_mask is None else attn_mask.dtype, dropout=dropout_p > 0)
+    _, run = dispatch.select(op, backend, spec)
+    return run(q, k, v, attn_mask, float(dropout_p), is_causal, scale, enable_gqa)
+
+
+def _check_cu_seqlens(op: str, name: str, cu: Tensor, total: int, total_name: str, device) -> int:
+    """Validates one cu_seqlens tensor; returns its longest sequence (or -1 when not checked)."""
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"lmkern.{op}: {name} must be an int32 Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"lmkern.{op}: {name} must be int32 (flash-attn's convention), got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"lmkern.{op}: {name} must be 1-D of length B + 1 >= 2, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"lmkern.{op}: {name} is on {cu.device} but q is on {device}")
+    if not _checking_values():
+        return -1
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"lmkern.{op}: {name} must start at 0, got {name}[0] = {values[0]}")
+    for b in range(len(values) - 1):
+        if values[b + 1] < values[b]:
+            raise ValueError(
+                f"lmkern.{op}: {name} must be non-decreasing, got {name}[{b + 1}] = {values[b + 1]} < {name}[{b}] = {values[b]}"
+            )
+    if values[-1] != total:
+        raise ValueError(f"lmkern.{op}: {name}[-1] = {values[-1]} must equal the number of packed rows of {total_name} ({total})")
+    return max(values[b + 1] - values[b] for b in range(len(values) - 1))
+
+
+def _check_max_seqlen(op: str, name: str, value, longest: int) -> Optional[int]:
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise TypeError(f"lmkern.{op}: {name} must be an int or None, got {value!r}")
+    if longest >= 0 and value < longest:
+        raise ValueError(f"lmkern.{op}: {name} = {value} is less than the longest sequence ({longest})")
+    return int(value)
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    *,
+    backend: Optional[str] = None,
+):
+    """Attention with flash-attn's conventions (flash_attn_func and flash_attn_varlen_func in one).
+
+    Math in float32 (float64 inputs in float64), output in q's dtype; the specification is
+    lmkern/reference/attention.py (``flash_attention``).
+
+    Args:
+        q: (B, Sq, Hq, D), or packed (total_q, Hq, D) with cu_seqlens.
+        k, v: (B, Sk, Hkv, D), or packed (total_k, Hkv, D); same dtype and device as q. Hkv must
+            divide Hq (GQA; Hkv == 1 is MQA): query head h reads head h // (Hq / Hkv).
+        causal: flash-attn's convention, aligned to the bottom right: query i attends keys
+            j <= i + Sk - Sq (per sequence when packed). With Sq > Sk the first Sq - Sk rows
+            attend nothing: zeros, lse -inf.
+        softmax_scale: defaults to 1/sqrt(D).
+        return_lse: also return the float32 log-sum-exp of the scaled scores per row,
+            (B, Hq, Sq), or (Hq, total_q) when packed.
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative sequence lengths, both or neither;
+            0 first, non-decreasing, last = total rows. Sequence b is rows
+            ``cu_seqlens[b]:cu_seqlens[b+1]``; each sequence attends only to itself.
+        max_seqlen_q, max_seqlen_k: optional ints >= the longest sequence (kernels size their
+            grids by them; the reference ignores them). Checked against cu_seqlens.
+            The cu_seqlens checks read the tensors on the host (skipped under torch.compile).
+        backend: "auto" (default), "cuda", "triton", "cpu" or "reference"; overrides
+            LMKERN_BACKEND. Only the reference exists so far.
+
+    Returns:
+        out with q's shape and dtype, or ``(out, lse)`` with ``return_lse``.
+    """
+    op = "flash_attention"
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen and (cu_seqlens_q is None or cu_seqlens_k is None):
+        missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
+        raise ValueError(f"lmkern.{op}: pass cu_seqlens_q and cu_seqlens_k together ({missing} is missing)")
+    if varlen:
+        _check_qkv(op, {"q": q, "k": k, "v": v}, (3,), "(total, H, D) when packed with cu_seqlens")
+    else:
+        _check_qkv(op, {"q": q, "k": k, "v": v}, (4,), "(B, S, H, D) (or pass cu_seqlens_q/cu_seqlens_k for packed sequences)")
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError(f"lmkern.{op}: max_seqlen_q/max_seqlen_k go with cu_seqlens_q/cu_seqlens_k (packed sequences)")
+        for name, t in (("k", k), ("v", v)):
+            if t.shape[0] != q.shape[0]:
+                raise ValueError(f"lmkern.{op}: {name} must have q's batch size {q.shape[0]}, got shape {tuple(t.shape)}")
+    D = q.shape[-1]
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[-1] != D:
+            raise ValueError(f"lmkern.{op}: {name}'s head dim ({t.shape[-1]}) must equal q's ({D})")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"lmkern.{op}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    _check_heads(op, q.shape[-2], k.shape[-2], "k")
+    causal = _check_bool(op, "causal", causal)
+    return_lse = _check_bool(op, "return_lse", return_lse)
+    scale = _check_scale(op, "softmax_scale", softmax_scale, D)
+    if varlen:
+        longest_q = _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", q.device)
+        longest_k = _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", q.device)
+        if cu_seqlens_q.shape != cu_seqlens_k.shape:
+            raise ValueError(
+                f"lmkern.{op}: cu_seqlens_q and cu_seqlens_k must have the same length B + 1, got "
+                f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
+            )
+        max_seqlen_q = _check_max_seqlen(op, "max_seqlen_q", max_seqlen_q, longest_q)
+        max_seqlen_k = _check_max_seqlen(op, "max_seqlen_k", max_seqlen_k, longest_k)
+    spec = attention_ops.attention_spec(q, k, v, gqa=q.shape[-2] != k.shape[-2], varlen=varlen, causal=causal)
+    _, run = dispatch.select(op, backend, spec)
+    out, lse = run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Union[Tensor, int],
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """New queries attending a key/value cache (decoding, chunked prefill), flash-attn's layout.
+
+    Args:
+        q: (B, Sq, Hq, D), floating point.
+        k_cache, v_cache: (B, Smax, Hkv, D), q's dtype and device; Hkv divides Hq.
+        cache_seqlens: int32 (B,) tensor, or a Python int for every row: row b attends the first
+            ``cache_seqlens[b]`` entries of the cache (0 <= cache_seqlens[b] <= Smax; the new
+            tokens' keys must already be written there). The range check reads the tensor on the
+            host (skipped under torch.compile).
+        causal: (default True) bottom-right within the prefix: query i attends keys
+            j <= i + cache_seqlens[b] - Sq, so the last query sees the whole prefix.
+        softmax_scale: defaults to 1/sqrt(D).
+        backend: "auto" (default), "cuda", "triton", "cpu" or "reference"; overrides
+            LMKERN_BACKEND. Only the reference exists so far.
+
+    Returns:
+        (B, Sq, Hq, D) in q's dtype; rows that attend no key are zeros.
+    """
+    op = "attention_with_kvcache"
+    _check_qkv(op, {"q": q, "k_cache": k_cache, "v_cache": v_cache}, (4,), "(B, S, H, D)")
+    B, Sq, Hq, D = q.shape
+    if k_cache.shape[0] != B:
+        raise ValueError(f"lmkern.{op}: k_cache must have q's batch size {B}, got shape {tuple(k_cache.shape)}")
+    if k_cache.shape[-1] != D:
+        raise ValueError(f"lmkern.{op}: k_cache's head dim ({k_cache.shape[-1]}) must equal q's ({D})")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"lmkern.{op}: v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    _check_heads(op, Hq, k_cache.shape[2], "k_cache")
+    Smax = k_cache.shape[1]
+    if _is_int(cache_seqlens):
+        if not 0 <= cache_seqlens <= Smax:
+            raise ValueError(f"lmkern.{op}: cache_seqlens = {cache_seqlens} must be in [0, {Smax}] (the cache length)")
+        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    elif not isinstance(cache_seqlens, Tensor):
+        raise TypeError(f"lmkern.{op}: cache_seqlens must be an int32 tensor of shape ({B},) or an int, got {cache_seqlens!r}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"lmkern.{op}: cache_seqlens must be int32 (flash-attn's convention), got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"lmkern.{op}: cache_seqlens must have shape ({B},) (one length per row), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"lmkern.{op}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if _checking_values() and B > 0:
+        bad = (cache_seqlens < 0) | (cache_seqlens > Smax)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"lmkern.{op}: cache_seqlens[{r}] = {int(cache_seqlens[r])} must be in [0, {Smax}] (the cache length)"
+            )
+    causal = _check_bool(op, "causal", causal)
+    scale = _check_scale(op, "softmax_scale", softmax_scale, D)
+    spec = attention_ops.attention_spec(q, k_cache, v_cache, gqa=Hq != k_cache.shape[2], causal=causal)
+    _, run = dispatch.select(op, backend, spec)
+    return run(q, k_cache, v_cache, cache_seqlens, causal, scale)

@@ -43,7 +43,8 @@ def info() -> str:
         "",
     ]
     notes: dict[str, int] = {}
-    header = f"{'op':<12}{'device':<8}{'dtype':<10}" + "".join(f"{n:<11}" for n in dispatch.BACKENDS) + "auto"
+    w = max([12] + [len(op) + 2 for op in dispatch.ops()])
+    header = f"{'op':<{w}}{'device':<8}{'dtype':<10}" + "".join(f"{n:<11}" for n in dispatch.BACKENDS) + "auto"
     lines.append(header)
     for row in backend_matrix():
         cells = []
@@ -54,7 +55,7 @@ def info() -> str:
             else:
                 k = notes.setdefault(f"{name}: {reason}", len(notes) + 1)
                 cells.append(f"{'no [' + str(k) + ']':<11}")
-        lines.append(f"{row['op']:<12}{row['device']:<8}{row['dtype']:<10}" + "".join(cells) + (row["auto"] or "-"))
+        lines.append(f"{row['op']:<{w}}{row['device']:<8}{row['dtype']:<10}" + "".join(cells) + (row["auto"] or "-"))
     lines.append("")
     lines += [f"[{k}] {text}" for text, k in notes.items()]
     return "\n".join(lines)

@@ -2,3 +2,4 @@
 
 from lmkern.ops import norm  # noqa: F401
 from lmkern.ops import sampling  # noqa: F401
+from lmkern.ops import attention  # noqa: F401
