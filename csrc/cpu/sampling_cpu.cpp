@@ -5,7 +5,8 @@
 //   1. one pass: validity (NaN / +inf / no finite value), max, first argmax; without top-k,
 //      z = x / T is kept in a per-thread buffer (re-read from cache by the later passes);
 //   2. top-k, fused into pass 1: a token becomes a candidate only if its z reaches the k-th
-//      largest z seen so far, so only ~k candidates are ever partially sorted;
+//      largest z seen so far, so only ~k candidates are ever partially sorted; blocks of 64
+//      tokens whose max falls short of that bound are passed after one pipelined max/validity scan;
 //   3. top-p: on the top-k candidates directly, or, over the whole vocabulary, a mass histogram
 //      on the order-preserving integer image of z (4096 bins) narrows the boundary to one bin,
 //      and only that bin is sorted;
@@ -37,6 +38,9 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // -log(-log(u)) <= 16.6355 for every u that uniform_open01 can return (u <= 1 - 2^-24); the
 // margin covers the rounding of the key's fp32 arithmetic.
 constexpr float kGumbelMax = 16.7f;
+
+// fused_top_k screens the row in blocks of this many tokens before looking at any one of them.
+constexpr int64_t kScreenBlock = 64;
 
 constexpr int kBinBits = 12;  // histogram bins: sign, exponent and 3 mantissa bits of z
 constexpr int kBins = 1 << kBinBits;
@@ -125,17 +129,40 @@ bool fused_top_k(const T* x, int64_t V, float temp, int64_t k, Scratch& s) {
                  s.cand.end());
   };
   size_t limit = cap;
-  for (int64_t i = 0; i < V; ++i) {
-    const float v = static_cast<float>(x[i]);
-    bad |= (v != v) | (v == kInf);
-    vmax = v > vmax ? v : vmax;
-    const float z = v / temp;
-    if (z >= bound) {
-      s.cand.push_back({z, i});
-      if (s.cand.size() >= limit) {
-        shrink();
-        // Many tokens tied at the bound stay: grow rather than re-select every push.
-        limit = std::max(cap, 2 * s.cand.size());
+  for (int64_t i0 = 0; i0 < V; i0 += kScreenBlock) {
+    const int64_t n = std::min<int64_t>(kScreenBlock, V - i0);
+    // Screen the block on the raw logits first: validity and its max, four independent
+    // accumulators so that the loop pipelines. Only a block whose largest z reaches the bound is
+    // walked token by token (z = v / T is monotone in v for T > 0: its max z is bmax / T exactly);
+    // once the bound has risen, that is a few blocks of the vocabulary.
+    float m[4] = {-kInf, -kInf, -kInf, -kInf};
+    bool block_bad = false;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      for (int u = 0; u < 4; ++u) {
+        const float v = static_cast<float>(x[i0 + j + u]);
+        block_bad |= (v != v) | (v == kInf);
+        m[u] = v > m[u] ? v : m[u];
+      }
+    }
+    for (; j < n; ++j) {
+      const float v = static_cast<float>(x[i0 + j]);
+      block_bad |= (v != v) | (v == kInf);
+      m[0] = v > m[0] ? v : m[0];
+    }
+    const float bmax = std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+    bad |= block_bad;
+    vmax = std::max(vmax, bmax);
+    if (!(bmax / temp >= bound)) continue;
+    for (int64_t i = i0; i < i0 + n; ++i) {
+      const float z = static_cast<float>(x[i]) / temp;
+      if (z >= bound) {
+        s.cand.push_back({z, i});
+        if (s.cand.size() >= limit) {
+          shrink();
+          // Many tokens tied at the bound stay: grow rather than re-select every push.
+          limit = std::max(cap, 2 * s.cand.size());
+        }
       }
     }
   }
