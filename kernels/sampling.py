@@ -83,6 +83,22 @@ def _fixed_mass(z, zmax, frac_scale):
 
 
 @triton.jit
+def _online_row_stats(x, cols, V, xmax, sumexp, imax, t):
+    """Folds a [BLOCK_B, BLOCK_V] tile of logits x (NaN already replaced by -inf) into each row's
+    running max, first argmax and sum of exp((x - max) / t); t is [BLOCK_B], 1 for raw logits.
+    Tiles must come in increasing column order: the strict compare keeps an earlier tile's tie."""
+    tile_max = tl.max(x, axis=1)
+    tile_arg = tl.min(tl.where(x == tile_max[:, None], cols[None, :], V), axis=1).to(tl.int64)
+    new_max = tl.maximum(xmax, tile_max)
+    # +inf logits give inf - inf = NaN here, as torch.softmax does (sample rejects such rows)
+    rescale = tl.where(xmax == new_max, 1.0, tl.exp((xmax - new_max) / t))
+    terms = tl.where(x == float("-inf"), 0.0, tl.exp((x - new_max[:, None]) / t[:, None]))
+    sumexp = sumexp * rescale + tl.sum(terms, axis=1)
+    imax = tl.where(tile_max > xmax, tile_arg, imax)
+    return new_max, sumexp, imax
+
+
+@triton.jit
 def _threshold_search(
     X, rows64, stride_x, V, inv_t, zmax, active, need, floor_key, frac_scale,
     BY_MASS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, RADIX_BITS: tl.constexpr,
@@ -181,6 +197,7 @@ def _sample_kernel(
         stream = rows.to(tl.uint32)
 
     # Pass A: validity, max, first argmax, sum of exp(x - max) of the raw logits.
+    ones = tl.full([BLOCK_B], 1.0, tl.float32)
     xmax = tl.full([BLOCK_B], float("-inf"), tl.float32)
     sumexp = tl.zeros([BLOCK_B], dtype=tl.float32)
     imax = tl.full([BLOCK_B], 0, tl.int64)
@@ -191,14 +208,7 @@ def _sample_kernel(
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         bad = bad | (tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=1) > 0)
         x = tl.where(x == x, x, float("-inf"))  # NaN rows are invalid; keep the max NaN-free
-        tile_max = tl.max(x, axis=1)
-        tile_arg = tl.min(tl.where(x == tile_max[:, None], cols[None, :], V), axis=1).to(tl.int64)
-        new_max = tl.maximum(xmax, tile_max)
-        rescale = tl.where(xmax == new_max, 1.0, tl.exp(xmax - new_max))
-        terms = tl.where(x == float("-inf"), 0.0, tl.exp(x - new_max[:, None]))
-        sumexp = sumexp * rescale + tl.sum(terms, axis=1)
-        imax = tl.where(tile_max > xmax, tile_arg, imax)  # strict: an earlier tile keeps ties
-        xmax = new_max
+        xmax, sumexp, imax = _online_row_stats(x, cols, V, xmax, sumexp, imax, ones)
     # Invalid: NaN / +inf logits, no finite logit, or a temperature that is not finite and >= 0.
     valid = row_in & ~bad & (xmax > float("-inf")) & (T >= 0) & (T < float("inf"))
     greedy = T == 0
@@ -287,7 +297,8 @@ def _softmax_kernel(
         T = tl.load(Temps + rows64, mask=row_in, other=1.0)
     else:
         T = tl.full([BLOCK_B], temperature, tl.float32)
-    # Pass 1: NaN flag, max and first argmax of x, online sum of exp(x / T - max / T).
+    # Pass 1: NaN flag, max and first argmax of x, online sum of exp((x - max) / T).
+    t_safe = tl.where(T == 0, 1.0, T)  # T == 0 rows are one-hot; their sum goes unused
     xmax = tl.full([BLOCK_B], float("-inf"), tl.float32)
     sumexp = tl.zeros([BLOCK_B], dtype=tl.float32)
     imax = tl.full([BLOCK_B], 0, tl.int64)
@@ -298,24 +309,15 @@ def _softmax_kernel(
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         nan = nan | (tl.max((x != x).to(tl.int32), axis=1) > 0)
         x = tl.where(x == x, x, float("-inf"))
-        tile_max = tl.max(x, axis=1)
-        tile_arg = tl.min(tl.where(x == tile_max[:, None], cols[None, :], V), axis=1).to(tl.int64)
-        new_max = tl.maximum(xmax, tile_max)
-        t_safe = tl.where(T == 0, 1.0, T)
-        # exp((x - max) / T): +inf logits give inf - inf = NaN, as torch.softmax does
-        rescale = tl.where(xmax == new_max, 1.0, tl.exp((xmax - new_max) / t_safe))
-        terms = tl.where(x == float("-inf"), 0.0, tl.exp(x / t_safe[:, None] - new_max[:, None] / t_safe[:, None]))
-        sumexp = sumexp * rescale + tl.sum(terms, axis=1)
-        imax = tl.where(tile_max > xmax, tile_arg, imax)
-        xmax = new_max
+        xmax, sumexp, imax = _online_row_stats(x, cols, V, xmax, sumexp, imax, t_safe)
     one_hot = (T == 0) & ~nan  # the limit T -> 0: one-hot at the first argmax
-    zmax = tl.where(nan, float("nan"), xmax / T)
+    shift = tl.where(nan, float("nan"), xmax)  # a NaN logit makes the whole row NaN, as in torch
     inv_sum = 1.0 / sumexp
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = row_in[:, None] & (cols < V)[None, :]
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        probs = tl.exp(x / T[:, None] - zmax[:, None]) * inv_sum[:, None]
+        probs = tl.exp((x - shift[:, None]) / t_safe[:, None]) * inv_sum[:, None]
         probs = tl.where(one_hot[:, None], (cols[None, :] == imax[:, None]).to(tl.float32), probs)
         tl.store(Probs + rows64[:, None] * V + cols[None, :], probs, mask=mask)
 
