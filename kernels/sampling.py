@@ -58,10 +58,10 @@ GUMBEL_MAX = 16.75
 
 
 @triton.jit
-def _load_z(X, rows64, stride_x, cols, mask, inv_t):
-    """fp32 z = x / T of a [BLOCK_B, BLOCK_V] tile (0 in masked lanes); inv_t is [BLOCK_B, 1]."""
+def _load_z(X, rows64, stride_x, cols, mask, t_col):
+    """fp32 z = x / T of a [BLOCK_B, BLOCK_V] tile (0 in masked lanes); t_col is T as [BLOCK_B, 1]."""
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    return x / inv_t
+    return x / t_col
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def _online_row_stats(x, cols, V, xmax, sumexp, imax, t):
 
 @triton.jit
 def _threshold_search(
-    X, rows64, stride_x, V, inv_t, zmax, active, need, floor_key, frac_scale,
+    X, rows64, stride_x, V, t_col, zmax, active, need, floor_key, frac_scale,
     BY_MASS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
     """Per row, the largest key t with Q(t) >= need, where Q(t) counts (BY_MASS: sums the mass of)
@@ -123,7 +123,7 @@ def _threshold_search(
             for start in range(0, V, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 mask = todo[:, None] & (cols < V)[None, :]
-                z = _load_z(X, rows64, stride_x, cols, mask, inv_t)
+                z = _load_z(X, rows64, stride_x, cols, mask, t_col)
                 key = _ordered_key(z)
                 if BY_MASS:
                     mask = mask & (key >= floor_key[:, None])
@@ -213,15 +213,16 @@ def _sample_kernel(
     valid = row_in & ~bad & (xmax > float("-inf")) & (T >= 0) & (T < float("inf"))
     greedy = T == 0
     drawing = valid & ~greedy
-    inv_t = tl.where(drawing, T, 1.0)[:, None]
-    zmax = tl.where(drawing, xmax / tl.where(drawing, T, 1.0), 0.0)  # division by T > 0 keeps the order
+    t_draw = tl.where(drawing, T, 1.0)
+    t_col = t_draw[:, None]
+    zmax = tl.where(drawing, xmax / t_draw, 0.0)  # division by T > 0 keeps the order
 
     # top-k: keep key >= the k-th largest key.
     top_k_key = tl.zeros([BLOCK_B], dtype=tl.int64)
     if ANY_TOP_K:
         k_active = drawing & (k > 0) & (k < V)
         top_k_key = _threshold_search(
-            X, rows64, stride_x, V, inv_t, zmax, k_active, k, top_k_key, frac_scale,
+            X, rows64, stride_x, V, t_col, zmax, k_active, k, top_k_key, frac_scale,
             False, BLOCK_B, BLOCK_V, RADIX_BITS,
         )
     # top-p over the top-k survivors: keep key >= the largest key at or above which the mass
@@ -233,7 +234,7 @@ def _sample_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = p_active[:, None] & (cols < V)[None, :]
-            z = _load_z(X, rows64, stride_x, cols, mask, inv_t)
+            z = _load_z(X, rows64, stride_x, cols, mask, t_col)
             mask = mask & (_ordered_key(z) >= top_k_key[:, None])
             total += tl.sum(tl.where(mask, _fixed_mass(z, zmax[:, None], frac_scale), 0), axis=1)
         goal = p.to(tl.float64) * total.to(tl.float64)
@@ -241,7 +242,7 @@ def _sample_kernel(
         need = need + (need.to(tl.float64) < goal).to(tl.int64)  # ceil
         need = tl.maximum(need, 1)
         top_p_key = _threshold_search(
-            X, rows64, stride_x, V, inv_t, zmax, p_active, need, top_k_key, frac_scale,
+            X, rows64, stride_x, V, t_col, zmax, p_active, need, top_k_key, frac_scale,
             True, BLOCK_B, BLOCK_V, RADIX_BITS,
         )
     floor_key = tl.maximum(top_k_key, top_p_key)
@@ -252,7 +253,7 @@ def _sample_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = drawing[:, None] & (cols < V)[None, :]
-        z = _load_z(X, rows64, stride_x, cols, mask, inv_t)
+        z = _load_z(X, rows64, stride_x, cols, mask, t_col)
         # A token whose z plus the largest possible noise stays below the best key cannot win; the
         # margin scales with |z| so that fp32 rounding of the key cannot defeat the bound.
         contender = mask & (z + GUMBEL_MAX + tl.abs(z) * 1e-6 >= best_key[:, None])
