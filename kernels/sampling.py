@@ -83,6 +83,14 @@ def _fixed_mass(z, zmax, frac_scale):
 
 
 @triton.jit
+def _row_param(Ptr, rows64, row_in, scalar, other, HAS: tl.constexpr, DTYPE: tl.constexpr, BLOCK_B: tl.constexpr):
+    """A per-row parameter as [BLOCK_B]: the (B,) tensor's values when given, else the scalar."""
+    if HAS:
+        return tl.load(Ptr + rows64, mask=row_in, other=other)
+    return tl.full([BLOCK_B], scalar, DTYPE)
+
+
+@triton.jit
 def _online_row_stats(x, cols, V, xmax, sumexp, imax, t):
     """Folds a [BLOCK_B, BLOCK_V] tile of logits x (NaN already replaced by -inf) into each row's
     running max, first argmax and sum of exp((x - max) / t); t is [BLOCK_B], 1 for raw logits.
@@ -172,29 +180,13 @@ def _sample_kernel(
     rows64 = rows.to(tl.int64)
     cols0 = tl.arange(0, BLOCK_V)
 
-    # Per-row parameters: the tensor's value when given, else the scalar.
-    if HAS_TEMPS:
-        T = tl.load(Temps + rows64, mask=row_in, other=1.0)
-    else:
-        T = tl.full([BLOCK_B], temperature, tl.float32)
-    if HAS_TOPKS:
-        k = tl.load(TopKs + rows64, mask=row_in, other=0)
-    else:
-        k = tl.full([BLOCK_B], top_k, tl.int64)
-    if HAS_TOPPS:
-        p = tl.load(TopPs + rows64, mask=row_in, other=1.0)
-    else:
-        p = tl.full([BLOCK_B], top_p, tl.float32)
-    if HAS_MINPS:
-        m = tl.load(MinPs + rows64, mask=row_in, other=0.0)
-    else:
-        m = tl.full([BLOCK_B], min_p, tl.float32)
-    if HAS_SEEDS:
-        row_seed = tl.load(Seeds + rows64, mask=row_in, other=0)
-        stream = tl.zeros([BLOCK_B], dtype=tl.uint32)
-    else:
-        row_seed = tl.full([BLOCK_B], seed, tl.int64)
-        stream = rows.to(tl.uint32)
+    T = _row_param(Temps, rows64, row_in, temperature, 1.0, HAS_TEMPS, tl.float32, BLOCK_B)
+    k = _row_param(TopKs, rows64, row_in, top_k, 0, HAS_TOPKS, tl.int64, BLOCK_B)
+    p = _row_param(TopPs, rows64, row_in, top_p, 1.0, HAS_TOPPS, tl.float32, BLOCK_B)
+    m = _row_param(MinPs, rows64, row_in, min_p, 0.0, HAS_MINPS, tl.float32, BLOCK_B)
+    row_seed = _row_param(Seeds, rows64, row_in, seed, 0, HAS_SEEDS, tl.int64, BLOCK_B)
+    # per-row seeds: stream 0 (the draw depends on the row's own key only); else the row index
+    stream = tl.zeros([BLOCK_B], dtype=tl.uint32) if HAS_SEEDS else rows.to(tl.uint32)
 
     # Pass A: validity, max, first argmax, sum of exp(x - max) of the raw logits.
     ones = tl.full([BLOCK_B], 1.0, tl.float32)
@@ -294,10 +286,7 @@ def _softmax_kernel(
     row_in = rows < B
     rows64 = rows.to(tl.int64)
     cols0 = tl.arange(0, BLOCK_V)
-    if HAS_TEMPS:
-        T = tl.load(Temps + rows64, mask=row_in, other=1.0)
-    else:
-        T = tl.full([BLOCK_B], temperature, tl.float32)
+    T = _row_param(Temps, rows64, row_in, temperature, 1.0, HAS_TEMPS, tl.float32, BLOCK_B)
     # Pass 1: NaN flag, max and first argmax of x, online sum of exp((x - max) / T).
     t_safe = tl.where(T == 0, 1.0, T)  # T == 0 rows are one-hot; their sum goes unused
     xmax = tl.full([BLOCK_B], float("-inf"), tl.float32)
