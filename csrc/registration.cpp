@@ -40,4 +40,24 @@ TORCH_LIBRARY(lmkern, m) {
       "Tensor? seeds, bool need_logprobs) -> (Tensor ids, Tensor logprobs)");
   // fp32 softmax(logits / T) of 2-D logits over the last dim; temperatures (B,) fp32 replaces T.
   m.def("softmax(Tensor logits, float temperature, Tensor? temperatures) -> Tensor");
+
+  // Attention, one core for every public attention function (lmkern/ops/attention.py maps
+  // sdpa, flash_attention and attention_with_kvcache onto it; the contract is documented there).
+  // q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), any strides with unit stride in the last dim; or
+  // packed (total, H, D) with int32 cu_seqlens_q/k (B + 1,). bias: optional fp32 additive
+  // (-inf = masked), a 4-D view broadcast to (B, Hq, Sq, Sk) (strides may be 0). seqused_k:
+  // optional int32 (B,), sequence b reads only its first seqused_k[b] keys. causal: key j is
+  // visible to query i iff j <= i + (causal_top_left ? 0 : Sk_b - Sq_b). Returns out (q's
+  // shape and dtype, contiguous) and fp32 lse (B, Hq, Sq), or (Hq, total_q) when packed; a row
+  // that sees no key has out 0 and lse -inf.
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, Tensor? seqused_k, SymInt max_seqlen_q, SymInt max_seqlen_k, "
+      "bool causal, bool causal_top_left, float scale) -> (Tensor out, Tensor lse)");
+  // Decoding against a KV cache (few queries, long cache): q (B, Sq, Hq, D), caches
+  // (B, Smax, Hkv, D), cache_seqlens int32 (B,); causal bottom-right within each row's prefix.
+  // num_splits: how many parts each row's keys are split into (0 = the kernel's heuristic).
+  m.def(
+      "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
+      "bool causal, float scale, int num_splits) -> (Tensor out, Tensor lse)");
 }
