@@ -1,0 +1,241 @@
+// Attention forward (tiled online softmax) written once against the SIMD interface of simd.h.
+//
+// Deliberately without include guard: attention_cpu.cpp includes this file once per instruction
+// set, inside a namespace that defines `Isa` and inside the matching LMKERN_TARGET region.
+//
+// Layout: query rows run along the vector lanes. A work item is up to BM rows of one
+// (sequence, kv head); with GQA its rows are the (query, head of the group) pairs, query-major,
+// so every key/value tile is converted once for the whole group. Per item:
+//   Qt  (D x ld)   the item's queries, transposed to fp32, packed once
+//   Ot  (D x ld)   the fp32 output accumulator, transposed the same way
+// and per key block of BN keys (converted to contiguous fp32 Kf, Vf: strided rows, e.g. 4 KiB
+// apart in (B, S, H, D), would alias to a few L1 sets), per chunk of CW rows:
+//   St  (nb x CW)  = Kf . Qt[:, chunk] * scale (+ bias), the scores, keys by rows
+//   online softmax down each lane (max, rescale factor, exp, sum): no horizontal reductions
+//   Ot[:, chunk]   = Ot * alpha + Vf^T . St
+// With lanes along rows, both micro-GEMMs broadcast a scalar of Kf/Vf and load vectors of
+// Qt/St: 6 x 2 registers of accumulators, 12 FMAs per 8 loads.
+// Causal: a chunk only visits the keys its last row can see (never a block fully above the
+// diagonal); keys past a row's limit inside that range are masked to -inf.
+
+using R = Isa::R;
+constexpr int L = Isa::L;
+// GCC vector extensions on the ISA's register type: compares, selects and the integer part of
+// exp, which the simd.h interface does not need elsewhere.
+typedef int32_t Ri __attribute__((vector_size(sizeof(R))));
+
+constexpr int BN = 64;     // keys per block
+constexpr int MR = 6;      // broadcast operands per micro-GEMM step (keys, or output dims)
+constexpr int CW = 2 * L;  // rows per chunk: two registers per micro-GEMM row
+
+LMKERN_INLINE R vselect(Ri mask, R a, R b) { return mask ? a : b; }
+LMKERN_INLINE R vmax(R a, R b) { return vselect(a > b, a, b); }  // b when a is NaN
+
+// exp(x) for x <= 0 or NaN (the only arguments online softmax produces): 2^n e^f with
+// n = round(x / ln 2), |f| <= ln2 / 2, e^f by its degree-7 Taylor polynomial (< 1 ulp of
+// truncation). Below -87.3 (including -inf) the result is 0; NaN stays NaN.
+LMKERN_INLINE R vexp(R x) {
+  const R lo = Isa::set1(-87.3f);
+  const R xc = vselect(x < lo, lo, x);
+  const R magic = Isa::set1(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const R n = Isa::sub(Isa::fmadd(xc, Isa::set1(1.44269504f), magic), magic);
+  R f = Isa::fmadd(n, Isa::set1(-0.693145751953125f), xc);  // ln 2 in two parts: f is exact
+  f = Isa::fmadd(n, Isa::set1(-1.428606765330187e-06f), f);
+  R p = Isa::set1(1.f / 5040);
+  p = Isa::fmadd(p, f, Isa::set1(1.f / 720));
+  p = Isa::fmadd(p, f, Isa::set1(1.f / 120));
+  p = Isa::fmadd(p, f, Isa::set1(1.f / 24));
+  p = Isa::fmadd(p, f, Isa::set1(1.f / 6));
+  p = Isa::fmadd(p, f, Isa::set1(0.5f));
+  p = Isa::fmadd(p, f, Isa::set1(1.f));
+  p = Isa::fmadd(p, f, Isa::set1(1.f));
+  const Ri e = (__builtin_convertvector(n, Ri) + 127) << 23;  // n >= -126: a normal 2^n
+  const R r = Isa::mul(p, (R)e);
+  return vselect(x < lo, Isa::zero(), r);
+}
+
+// Converts n rows of D elements (row stride ld_src) to contiguous fp32 rows of D.
+template <class T>
+LMKERN_INLINE void rows_to_fp32(const T* src, int64_t ld_src, int n, int D, float* dst) {
+  for (int j = 0; j < n; ++j) {
+    const T* s = src + j * ld_src;
+    float* t = dst + static_cast<int64_t>(j) * D;
+    int d = 0;
+    for (; d + L <= D; d += L) Isa::store(t + d, Isa::load(s + d));
+    if (d < D) Isa::store(t + d, Isa::load(s + d, D - d), D - d);
+  }
+}
+
+// St[j][lanes] = scale * sum_d Kf[j][d] Qt[d][lanes] for MR_ keys j, NV registers of lanes.
+template <int MR_, int NV>
+LMKERN_INLINE void qk_micro(const float* kf, int D, const float* qt, int64_t ldq, float* st,
+                            float scale) {
+  R acc[MR_][NV];
+  for (int m = 0; m < MR_; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = Isa::zero();
+  for (int d = 0; d < D; ++d) {
+    R b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Isa::load(qt + d * ldq + v * L);
+    for (int m = 0; m < MR_; ++m) {
+      const R a = Isa::set1(kf[m * D + d]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = Isa::fmadd(a, b[v], acc[m][v]);
+    }
+  }
+  const R s = Isa::set1(scale);
+  for (int m = 0; m < MR_; ++m)
+    for (int v = 0; v < NV; ++v) Isa::store(st + m * CW + v * L, Isa::mul(acc[m][v], s));
+}
+
+// Ot[d][lanes] = Ot[d][lanes] * alpha[lanes] + sum_j Vf[j][d] St[j][lanes] for MR_ dims d.
+template <int MR_, int NV>
+LMKERN_INLINE void pv_micro(const float* vf, int D, int nb, const float* st, float* ot,
+                            int64_t ldo, const R* alpha) {
+  R acc[MR_][NV];
+  for (int m = 0; m < MR_; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = Isa::mul(Isa::load(ot + m * ldo + v * L), alpha[v]);
+  for (int j = 0; j < nb; ++j) {
+    R b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Isa::load(st + j * CW + v * L);
+    for (int m = 0; m < MR_; ++m) {
+      const R a = Isa::set1(vf[j * D + m]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = Isa::fmadd(a, b[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MR_; ++m)
+    for (int v = 0; v < NV; ++v) Isa::store(ot + m * ldo + v * L, acc[m][v]);
+}
+
+// The micro-kernels for a tail of mr < MR operands.
+template <int NV, int M = MR>
+LMKERN_INLINE void qk_tail(int mr, const float* kf, int D, const float* qt, int64_t ldq,
+                           float* st, float scale) {
+  if constexpr (M > 0) {
+    if (mr == M) return qk_micro<M, NV>(kf, D, qt, ldq, st, scale);
+    qk_tail<NV, M - 1>(mr, kf, D, qt, ldq, st, scale);
+  }
+}
+template <int NV, int M = MR>
+LMKERN_INLINE void pv_tail(int mr, const float* vf, int D, int nb, const float* st, float* ot,
+                           int64_t ldo, const R* alpha) {
+  if constexpr (M > 0) {
+    if (mr == M) return pv_micro<M, NV>(vf, D, nb, st, ot, ldo, alpha);
+    pv_tail<NV, M - 1>(mr, vf, D, nb, st, ot, ldo, alpha);
+  }
+}
+
+// One chunk of NV registers of rows against nb keys of the current block (nb >= 1).
+// lim: per lane, how many keys of this block the row may see (masking applies iff `masked`).
+template <int NV>
+LMKERN_INLINE void chunk_step(const AttnItemView& w, int nb, bool masked, const float* lim,
+                              const float* kf, const float* vf, float* st, const float* qt,
+                              float* ot, float* m_run, float* l_run, int64_t j0, int r0) {
+  const int D = w.D;
+  const int64_t ld = w.ld;
+  int j = 0;
+  for (; j + MR <= nb; j += MR) qk_micro<MR, NV>(kf + j * D, D, qt, ld, st + j * CW, w.scale);
+  if (j < nb) qk_tail<NV>(nb - j, kf + j * D, D, qt, ld, st + j * CW, w.scale);
+  if (w.bias) w.add_bias(st, CW, r0, NV * L, j0, nb);
+
+  R alpha[NV];
+  for (int v = 0; v < NV; ++v) {
+    float* s = st + v * L;
+    const R m_old = Isa::load(m_run + v * L);
+    R mx = m_old;
+    if (masked) {
+      const R lv = Isa::load(lim + v * L);
+      const R ninf = Isa::set1(-INFINITY);
+      for (int jj = 0; jj < nb; ++jj) {
+        const R x = vselect(Isa::set1(static_cast<float>(jj)) < lv, Isa::load(s + jj * CW), ninf);
+        Isa::store(s + jj * CW, x);
+        mx = vmax(x, mx);
+      }
+    } else {
+      for (int jj = 0; jj < nb; ++jj) mx = vmax(Isa::load(s + jj * CW), mx);
+    }
+    // A lane that has seen only masked keys keeps m = -inf; it exponentiates against 0 so that
+    // its p and l stay exactly 0 (and alpha = exp(-inf) = 0 keeps its accumulator at 0).
+    const R m_use = vselect(mx == Isa::set1(-INFINITY), Isa::zero(), mx);
+    alpha[v] = vexp(Isa::sub(m_old, m_use));
+    R sum = Isa::zero();
+    for (int jj = 0; jj < nb; ++jj) {
+      const R p = vexp(Isa::sub(Isa::load(s + jj * CW), m_use));
+      Isa::store(s + jj * CW, p);
+      sum = Isa::add(sum, p);
+    }
+    Isa::store(l_run + v * L, Isa::fmadd(Isa::load(l_run + v * L), alpha[v], sum));
+    Isa::store(m_run + v * L, mx);
+  }
+
+  int d = 0;
+  for (; d + MR <= D; d += MR) pv_micro<MR, NV>(vf + d, D, nb, st, ot + d * ld, ld, alpha);
+  if (d < D) pv_tail<NV>(D - d, vf + d, D, nb, st, ot + d * ld, ld, alpha);
+}
+
+// Runs one work item; scratch holds AttnItemView::scratch_floats(...) floats.
+template <class T>
+void run_item(const AttnItemView& w, float* scratch) {
+  const int D = w.D, R_ = w.rows;
+  const int64_t ld = w.ld;
+  float* qt = scratch;
+  float* ot = qt + D * ld;
+  float* kf = ot + D * ld;
+  float* vf = kf + BN * D;
+  float* st = vf + BN * D;
+  float* m_run = st + BN * CW;
+  float* l_run = m_run + ld;
+  float* nvis = l_run + ld;  // keys visible to each row, as float
+  float* lim = nvis + ld;
+
+  const int Rl = (R_ + L - 1) / L * L;  // lanes touched
+  for (int r = 0; r < Rl; ++r) {
+    nvis[r] = static_cast<float>(w.visible(std::min(r, R_ - 1)));
+    m_run[r] = -INFINITY;
+    l_run[r] = 0.f;
+  }
+  std::fill(ot, ot + D * ld, 0.f);
+  for (int r = 0; r < Rl; ++r) {
+    if (r < R_) {
+      const T* q = static_cast<const T*>(w.q_row(r));
+      for (int d = 0; d < D; ++d) qt[d * ld + r] = static_cast<float>(q[d]);
+    } else {
+      for (int d = 0; d < D; ++d) qt[d * ld + r] = 0.f;
+    }
+  }
+
+  // Rows are query-major, so the last row sees the most keys.
+  const int64_t keys = static_cast<int64_t>(nvis[R_ - 1]);
+  for (int64_t j0 = 0; j0 < keys; j0 += BN) {
+    const int nb = static_cast<int>(std::min<int64_t>(BN, keys - j0));
+    rows_to_fp32(static_cast<const T*>(w.k_row(j0)), w.k_tok, nb, D, kf);
+    rows_to_fp32(static_cast<const T*>(w.v_row(j0)), w.v_tok, nb, D, vf);
+    for (int c0 = 0; c0 < Rl; c0 += CW) {
+      const int lanes = std::min(CW, Rl - c0);
+      const int last = std::min(c0 + lanes, R_) - 1;
+      const int64_t see_last = static_cast<int64_t>(nvis[last]) - j0;
+      if (see_last <= 0) continue;  // the whole chunk is above the diagonal here
+      const int nbc = static_cast<int>(std::min<int64_t>(nb, see_last));
+      const bool masked = static_cast<int64_t>(nvis[c0]) - j0 < nbc;
+      if (masked)
+        for (int r = c0; r < c0 + lanes; ++r) lim[r] = nvis[r] - static_cast<float>(j0);
+      if (lanes > L)
+        chunk_step<2>(w, nbc, masked, lim + c0, kf, vf, st, qt + c0, ot + c0, m_run + c0,
+                      l_run + c0, j0, c0);
+      else
+        chunk_step<1>(w, nbc, masked, lim + c0, kf, vf, st, qt + c0, ot + c0, m_run + c0,
+                      l_run + c0, j0, c0);
+    }
+  }
+
+  for (int r = 0; r < R_; ++r) {
+    T* o = static_cast<T*>(w.out_row(r));
+    float* lse = w.lse_at(r);
+    const float l = l_run[r];
+    if (l == 0.f) {  // no visible key (NaN l, from NaN scores, takes the other branch)
+      for (int d = 0; d < D; ++d) o[d] = static_cast<T>(0.f);
+      *lse = -INFINITY;
+    } else {
+      for (int d = 0; d < D; ++d) o[d] = static_cast<T>(ot[d * ld + r] / l);
+      *lse = m_run[r] + std::log(l);
+    }
+  }
+}
