@@ -1,0 +1,257 @@
+"""The C++ CPU kernel of lmkern::attention_fwd, called directly (torch.ops.lmkern.attention_fwd).
+
+Each test draws fresh random inputs (seeded per run, see conftest.py) and compares out and lse with
+lmkern.reference.attention run in float64, using the 2x rule of helpers.assert_close_2x against the
+same reference run in the input's precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_close_2x, poisoned_empty
+
+import lmkern  # noqa: F401  (registers the ops)
+from lmkern import _ext
+from lmkern.reference.attention import attention_core, flash_attention
+
+pytestmark = pytest.mark.skipif(
+    not (_ext.HAS_CPP and hasattr(torch.ops.lmkern, "attention_fwd")), reason="lmkern._C not built"
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INF = float("inf")
+
+
+def op(q, k, v, bias=None, cu_q=None, cu_k=None, used=None, causal=False, top_left=False, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    with poisoned_empty():  # an output element the kernel forgot to write shows up as NaN
+        return torch.ops.lmkern.attention_fwd(q, k, v, bias, cu_q, cu_k, used, 0, 0, causal, top_left, scale)
+
+
+def dense_reference(q, k, v, bias=None, used=None, causal=False, top_left=False, scale=None, lowp=False):
+    """attention_fwd's contract on dense (B, S, H, D) inputs: float64 (or, with lowp, torch computing
+    in the inputs' own dtype). Keys at or past seqused_k are masked and zeroed (never read)."""
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    ct = q.dtype if lowp else torch.float64
+    qt = q.transpose(1, 2).to(ct)
+    kt = k.transpose(1, 2).to(ct).repeat_interleave(Hq // Hkv, dim=1)
+    vt = v.transpose(1, 2).to(ct).repeat_interleave(Hq // Hkv, dim=1)
+    lens = torch.full((B,), Sk) if used is None else used.long()
+    lens = lens.reshape(B, 1, 1, 1)
+    pos_q = torch.arange(Sq).reshape(1, 1, Sq, 1)
+    pos_k = torch.arange(Sk).reshape(1, 1, 1, Sk)
+    allowed = pos_k < lens
+    kt = torch.where(allowed.transpose(-1, -2), kt, 0)
+    vt = torch.where(allowed.transpose(-1, -2), vt, 0)
+    if causal:
+        allowed = allowed & (pos_k <= pos_q + (0 if top_left else lens - Sq))
+    out, lse = attention_core(qt, kt, vt, scale, allowed, bias, upcast=not lowp)
+    return out.transpose(1, 2), lse.float()
+
+
+def check(out, lse, ref, ref_lp, ref_lse32, what):
+    """out within the 2x rule of the reference; lse -inf exactly where the reference's is, and
+    within the 2x rule (float32 statistics) elsewhere."""
+    assert out.is_contiguous() and lse.is_contiguous() and lse.dtype == torch.float32, what
+    ref_out, ref_lse = ref
+    assert_close_2x(out, ref_out, ref_lp[0], f"{what} out")
+    masked = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), masked), f"{what}: lse -inf rows differ"
+    assert_close_2x(lse[~masked], ref_lse[~masked].double(), ref_lse32[~masked], f"{what} lse", term_scale=1.0)
+
+
+def run_dense(q, k, v, what, bias=None, used=None, causal=False, top_left=False, scale=None):
+    out, lse = op(q, k, v, bias, None, None, used, causal, top_left, scale)
+    kw = dict(bias=bias, used=used, causal=causal, top_left=top_left, scale=scale)
+    ref = dense_reference(q, k, v, **kw)
+    ref_lp = dense_reference(q, k, v, lowp=True, **kw)
+    ref32 = dense_reference(q.float(), k.float(), v.float(), lowp=True, **kw)
+    check(out, lse, ref, ref_lp, ref32[1], what)
+    return out, lse
+
+
+def bhsd(B, S, H, D, dtype):
+    """(B, S, H, D) view of a (B, H, S, D) tensor: the strided layout sdpa callers pass."""
+    return torch.randn(B, H, S, D, dtype=dtype).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [3, 32, 64, 80, 96, 128, 256])
+def test_head_dims(dtype, D):
+    q, k, v = bhsd(2, 37, 4, D, dtype), bhsd(2, 53, 2, D, dtype), bhsd(2, 53, 2, D, dtype)
+    run_dense(q, k, v, f"D={D}", causal=True)
+
+
+# (B, Sq, Sk, Hq, Hkv, causal, top_left)
+SHAPES = [
+    (2, 97, 97, 4, 4, False, False),
+    (1, 97, 97, 4, 4, True, False),
+    (1, 40, 97, 2, 2, True, False),  # Sq < Sk: bottom-right sees keys ahead of the top-left mask
+    (1, 40, 97, 2, 2, True, True),
+    (1, 97, 40, 2, 2, True, False),  # Sq > Sk: the first 57 rows see no key
+    (1, 97, 40, 2, 2, True, True),
+    (2, 61, 75, 8, 2, True, False),  # GQA
+    (2, 61, 75, 6, 1, False, False),  # MQA
+    (1, 1, 97, 8, 2, True, False),  # one query (decode)
+    (3, 1, 1, 2, 1, True, True),
+    (1, 1025, 1025, 2, 1, True, False),
+    (1, 200, 1025, 4, 2, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[:5]}-causal{s[5]}-tl{s[6]}" for s in SHAPES])
+def test_shapes(dtype, shape):
+    B, Sq, Sk, Hq, Hkv, causal, top_left = shape
+    D = 64
+    q, k, v = bhsd(B, Sq, Hq, D, dtype), bhsd(B, Sk, Hkv, D, dtype), bhsd(B, Sk, Hkv, D, dtype)
+    _, lse = run_dense(q, k, v, str(shape), causal=causal, top_left=top_left)
+    if causal and Sq > Sk and not top_left:
+        assert torch.isneginf(lse[:, :, : Sq - Sk]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_contiguous_and_custom_scale(dtype):
+    q, k, v = (torch.randn(2, 50, 4, 32, dtype=dtype) for _ in range(3))
+    run_dense(q, k, v, "contiguous", scale=0.37)
+    # k and v as views of one fused (B, S, 2, H, D) tensor: row strides that are not H * D
+    kv = torch.randn(2, 50, 2, 4, 32, dtype=dtype)
+    run_dense(q, kv[:, :, 0], kv[:, :, 1], "fused kv", causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_broadcast_and_masked_rows(dtype):
+    B, Sq, Sk, H = 2, 45, 70, 4
+    q, k, v = bhsd(B, Sq, H, 64, dtype), bhsd(B, Sk, 2, 64, dtype), bhsd(B, Sk, 2, 64, dtype)
+    # one (query, key) bias broadcast over batch and heads (strides 0, 0, Sk, 1), with -inf
+    # entries and one fully masked row
+    bias = torch.randn(1, 1, Sq, Sk)
+    bias[bias > 1.5] = -INF
+    bias[0, 0, 7] = -INF
+    bias = bias.expand(B, H, Sq, Sk)
+    out, lse = run_dense(q, k, v, "bias", bias=bias, causal=True, top_left=True)
+    assert torch.isneginf(lse[:, :, 7]).all() and (out[:, 7] == 0).all()
+    # a (1, H, 1, Sk) bias (strides 0 over batch and queries) and a transposed one
+    b2 = torch.randn(1, H, 1, Sk).masked_fill(torch.rand(1, H, 1, Sk) < 0.3, -INF).expand(B, H, Sq, Sk)
+    run_dense(q, k, v, "bias per key", bias=b2)
+    b3 = torch.randn(B, H, Sk, Sq).transpose(-1, -2)
+    run_dense(q, k, v, "transposed bias", bias=b3, causal=True)
+
+
+def test_fully_masked_rows_give_zeros():
+    q, k, v = bhsd(1, 9, 2, 16, torch.float32), bhsd(1, 4, 2, 16, torch.float32), bhsd(1, 4, 2, 16, torch.float32)
+    out, lse = op(q, k, v, causal=True)  # bottom-right, Sq > Sk: rows 0..4 see nothing
+    assert (out[:, :5] == 0).all() and torch.isneginf(lse[:, :, :5]).all()
+    assert torch.isfinite(out).all() and torch.isfinite(lse[:, :, 5:]).all()
+    bias = torch.full((1, 2, 9, 4), -INF)
+    out, lse = op(q, k, v, bias)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    k0, v0 = torch.randn(1, 0, 2, 16), torch.randn(1, 0, 2, 16)  # no keys at all
+    out, lse = op(q, k0, v0)
+    assert out.shape == q.shape and (out == 0).all() and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_seqused_k_never_reads_past_the_prefix(dtype):
+    B, Smax, Hq, Hkv, D = 4, 300, 8, 2, 64
+    q = torch.randn(B, 3, Hq, D, dtype=dtype)
+    k, v = torch.randn(B, Smax, Hkv, D, dtype=dtype), torch.randn(B, Smax, Hkv, D, dtype=dtype)
+    used = torch.tensor([300, 1, 0, 130], dtype=torch.int32)
+    for b, n in enumerate(used.tolist()):
+        k[b, n:] = float("nan")
+        v[b, n:] = float("nan")
+    for causal in (False, True):
+        out, lse = run_dense(q, k, v, f"seqused_k causal={causal}", used=used, causal=causal)
+        assert not out.isnan().any()
+        assert (out[2] == 0).all() and torch.isneginf(lse[2]).all()
+
+
+def varlen_case(dtype, lens_q, lens_k, Hq, Hkv, D):
+    cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + lens_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    q = torch.randn(Hq, int(cu_q[-1]), D, dtype=dtype).transpose(0, 1)
+    k = torch.randn(int(cu_k[-1]), Hkv, D, dtype=dtype)
+    v = torch.randn(int(cu_k[-1]), Hkv, D, dtype=dtype)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen(dtype, causal):
+    # sequences of every kind: empty on both sides, queries without keys, Sq > Sk, Sq < Sk, long
+    lens_q = [5, 0, 3, 40, 1, 130, 7]
+    lens_k = [5, 0, 0, 17, 60, 129, 7]
+    q, k, v, cu_q, cu_k = varlen_case(dtype, lens_q, lens_k, 6, 2, 64)
+    out, lse = op(q, k, v, None, cu_q, cu_k, causal=causal)
+    kw = dict(causal=causal, return_lse=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    ref = flash_attention(q.double(), k.double(), v.double(), **kw)
+    ref_lp = flash_attention(q, k, v, upcast=False, **kw)
+    ref32 = flash_attention(q.float(), k.float(), v.float(), **kw)
+    assert out.shape == q.shape and lse.shape == (6, q.shape[0])
+    check(out, lse, ref, ref_lp, ref32[1], f"varlen causal={causal}")
+    assert (out[5:8] == 0).all()  # the sequence with 3 queries and no keys
+
+
+def test_empty_inputs():
+    for B, Sq, Sk in [(0, 5, 5), (2, 0, 5), (2, 5, 0), (0, 0, 0)]:
+        q, k, v = torch.randn(B, Sq, 4, 32), torch.randn(B, Sk, 2, 32), torch.randn(B, Sk, 2, 32)
+        out, lse = op(q, k, v, causal=True)
+        assert out.shape == q.shape and lse.shape == (B, 4, Sq)
+        assert (out == 0).all() and torch.isneginf(lse).all()
+    cu = torch.zeros(1, dtype=torch.int32)  # zero sequences
+    out, lse = op(torch.randn(0, 4, 32), torch.randn(0, 2, 32), torch.randn(0, 2, 32), None, cu, cu)
+    assert out.shape == (0, 4, 32) and lse.shape == (4, 0)
+
+
+def test_nan_propagates():
+    q, k, v = torch.randn(1, 20, 2, 32), torch.randn(1, 30, 2, 32), torch.randn(1, 30, 2, 32)
+    q[0, 3, 1, 5] = float("nan")
+    v[0, 11, 0, 2] = float("nan")
+    out, _ = op(q, k, v)
+    assert out[0, 3, 1].isnan().all()
+    assert out[0, :, 0, 2].isnan().all() and not out[0, :, 0, 3].isnan().any()
+    assert not out[0, 4, 1].isnan().any()
+
+
+def test_bad_inputs():
+    q, k, v = torch.randn(2, 8, 4, 16), torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16)
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+    qp, kp = torch.randn(16, 4, 16), torch.randn(16, 2, 16)
+    cases = [
+        ("q must", lambda: op(q[0], k, v)),
+        ("k must", lambda: op(q, k[0], v)),
+        ("v must", lambda: op(q, k, v.half())),
+        ("q must be float32", lambda: op(q.double(), k.double(), v.double())),
+        ("k must have q's dtype", lambda: op(q, k.half(), v)),
+        ("stride 1", lambda: op(q.transpose(-1, -2), k, v)),
+        ("v must have k's shape", lambda: op(q, k, v[:, :8])),
+        ("k must have q's head_dim", lambda: op(q, k[..., :8], v[..., :8])),
+        ("k must have q's batch", lambda: op(q, k[:1], v[:1])),
+        ("must divide", lambda: op(q, torch.randn(2, 9, 3, 16), torch.randn(2, 9, 3, 16))),
+        ("bias must be float32", lambda: op(q, k, v, torch.zeros(2, 4, 8, 9, dtype=torch.float16))),
+        ("bias must have shape", lambda: op(q, k, v, torch.zeros(2, 4, 8, 8))),
+        ("bias must have shape", lambda: op(q, k, v, torch.zeros(4, 8, 9))),
+        ("seqused_k must be int32", lambda: op(q, k, v, used=torch.tensor([1, 2]))),
+        ("seqused_k must have shape", lambda: op(q, k, v, used=torch.tensor([1, 2, 3], dtype=torch.int32))),
+        ("seqused_k values", lambda: op(q, k, v, used=torch.tensor([1, 10], dtype=torch.int32))),
+        ("seqused_k values", lambda: op(q, k, v, used=torch.tensor([-1, 1], dtype=torch.int32))),
+        ("given together", lambda: op(qp, kp, kp, None, cu, None)),
+        ("cu_seqlens_q must be int32", lambda: op(qp, kp, kp, None, cu.long(), cu)),
+        ("cu_seqlens_k must have shape", lambda: op(qp, kp, kp, None, cu, cu[:2])),
+        ("cu_seqlens_q must have shape", lambda: op(qp, kp, kp, None, cu.reshape(1, 3), cu)),
+        ("cu_seqlens_q must start at 0", lambda: op(qp, kp, kp, None, cu + 1, cu)),
+        ("cu_seqlens_k must be non-decreasing", lambda: op(qp, kp, kp, None, cu, torch.tensor([0, 17, 16], dtype=torch.int32))),
+        ("cu_seqlens_q must end", lambda: op(qp, kp, kp, None, torch.tensor([0, 8, 15], dtype=torch.int32), cu)),
+        ("cu_seqlens_k must end", lambda: op(qp, kp, kp, None, cu, torch.tensor([0, 8, 99], dtype=torch.int32))),
+        ("bias is only supported with dense", lambda: op(qp, kp, kp, torch.zeros(1, 4, 16, 16), cu, cu)),
+        ("seqused_k is only supported with dense", lambda: op(qp, kp, kp, None, cu, cu, cu[:2])),
+        ("q must be 3-D", lambda: op(q, kp, kp, None, cu, cu)),
+    ]
+    for match, call in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
