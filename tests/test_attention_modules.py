@@ -17,6 +17,16 @@ import lmkern.nn
 E, H = 16, 4
 N, L, S = 3, 5, 7
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread. With a second thread on a busy 2-core machine every small
+    op waits on OpenMP synchronization (measured: ~60x slower generate())."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 CONFIGS = {
     "default": dict(),
     "kdim_vdim": dict(kdim=8, vdim=12),
@@ -308,6 +318,22 @@ def test_dropout_in_training():
     m.dropout = 1.0
     with torch.no_grad():
         torch.testing.assert_close(m(q, k, v, need_weights=False)[0], m.out_proj.bias.expand(N, L, E))
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+def test_each_backend_matches_torch(device_backend):
+    """The module on every backend this installation has (auto picks only one of them)."""
+    device, backend = device_backend
+    t, m = make_pair(batch_first=True, add_zero_attn=True, device=device)
+    m.backend = backend
+    q, k, v = (x.to(device) for x in inputs(True))
+    am = make_mask("float", N, L, S).to(device)
+    kpm = make_kpm("bool", N, S).to(device)
+    try:
+        res = run_both(t, m, q, k, v, attn_mask=am, key_padding_mask=kpm, need_weights=False)
+    except lmkern.BackendError as e:
+        pytest.skip(f"{backend} does not run these inputs: {e}")
+    assert_same(res)
 
 
 def test_backend_attribute_is_used():
