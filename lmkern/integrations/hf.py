@@ -50,6 +50,8 @@ def attention_forward(
     weights. Causality follows transformers' sdpa integration: ``is_causal`` (else the module's
     ``is_causal``) is used only when there is no mask and more than one query; a mask, when given,
     already holds the causal pattern. Fully masked query rows (e.g. left padding) give zeros.
+    ``output_attentions=True`` gets no weights (None), as with sdpa; models passing ``softcap`` or
+    attention sinks (``s_aux``/``sinks``) are refused rather than computed wrongly.
     """
     for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
