@@ -54,30 +54,42 @@ LMKERN_INLINE R vexp(R x) {
   return vselect(x < lo, Isa::zero(), r);
 }
 
-// Converts n rows of D elements (row stride ld_src) to contiguous fp32 rows of D.
+// Converts n rows of D elements (row stride ld_src) to contiguous fp32 rows of D, and asks for
+// the first `ahead` rows after them (the next block) to be fetched into the cache meanwhile:
+// rows far apart (a KV cache with many heads) each start on a new page, which the hardware
+// prefetchers do not cross, so without this a decode step waits on every row.
 template <class T>
-LMKERN_INLINE void rows_to_fp32(const T* src, int64_t ld_src, int n, int D, float* dst) {
-  for (int j = 0; j < n; ++j) {
-    const T* s = src + j * ld_src;
-    float* t = dst + static_cast<int64_t>(j) * D;
-    int d = 0;
-    for (; d + L <= D; d += L) Isa::store(t + d, Isa::load(s + d));
-    if (d < D) Isa::store(t + d, Isa::load(s + d, D - d), D - d);
+LMKERN_INLINE void rows_to_fp32(const T* src, int64_t ld_src, int n, int ahead, int64_t D,
+                                float* dst) {
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int j = 0; j < n; ++j, src += ld_src, dst += D) {
+    if (j < ahead) {
+      const char* next = reinterpret_cast<const char*>(src + n * ld_src);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
+    }
+    int64_t d = 0;
+    for (; d + L <= D; d += L) Isa::store(dst + d, Isa::load(src + d));
+    if (d < D) Isa::store(dst + d, Isa::load(src + d, D - d), D - d);
   }
 }
 
 // St[j][lanes] = scale * sum_d Kf[j][d] Qt[d][lanes] for MR_ keys j, NV registers of lanes.
+// (Pointers walk the loops: the build's -fwrapv keeps int index arithmetic in 32 bits, which
+// would cost a sign extension per access.)
 template <int MR_, int NV>
-LMKERN_INLINE void qk_micro(const float* kf, int D, const float* qt, int64_t ldq, float* st,
+LMKERN_INLINE void qk_micro(const float* kf, int64_t D, const float* qt, int64_t ldq, float* st,
                             float scale) {
   R acc[MR_][NV];
-  for (int m = 0; m < MR_; ++m)
+  const float* k[MR_];
+  for (int m = 0; m < MR_; ++m) {
+    k[m] = kf + m * D;
     for (int v = 0; v < NV; ++v) acc[m][v] = Isa::zero();
-  for (int d = 0; d < D; ++d) {
+  }
+  for (const float* const end = k[0] + D; k[0] != end; qt += ldq) {
     R b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = Isa::load(qt + d * ldq + v * L);
+    for (int v = 0; v < NV; ++v) b[v] = Isa::load(qt + v * L);
     for (int m = 0; m < MR_; ++m) {
-      const R a = Isa::set1(kf[m * D + d]);
+      const R a = Isa::set1(*k[m]++);
       for (int v = 0; v < NV; ++v) acc[m][v] = Isa::fmadd(a, b[v], acc[m][v]);
     }
   }
@@ -88,16 +100,16 @@ LMKERN_INLINE void qk_micro(const float* kf, int D, const float* qt, int64_t ldq
 
 // Ot[d][lanes] = Ot[d][lanes] * alpha[lanes] + sum_j Vf[j][d] St[j][lanes] for MR_ dims d.
 template <int MR_, int NV>
-LMKERN_INLINE void pv_micro(const float* vf, int D, int nb, const float* st, float* ot,
+LMKERN_INLINE void pv_micro(const float* vf, int64_t D, int nb, const float* st, float* ot,
                             int64_t ldo, const R* alpha) {
   R acc[MR_][NV];
   for (int m = 0; m < MR_; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = Isa::mul(Isa::load(ot + m * ldo + v * L), alpha[v]);
-  for (int j = 0; j < nb; ++j) {
+  for (const float* const end = st + static_cast<int64_t>(nb) * CW; st != end; st += CW, vf += D) {
     R b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = Isa::load(st + j * CW + v * L);
+    for (int v = 0; v < NV; ++v) b[v] = Isa::load(st + v * L);
     for (int m = 0; m < MR_; ++m) {
-      const R a = Isa::set1(vf[j * D + m]);
+      const R a = Isa::set1(vf[m]);
       for (int v = 0; v < NV; ++v) acc[m][v] = Isa::fmadd(a, b[v], acc[m][v]);
     }
   }
@@ -107,7 +119,7 @@ LMKERN_INLINE void pv_micro(const float* vf, int D, int nb, const float* st, flo
 
 // The micro-kernels for a tail of mr < MR operands.
 template <int NV, int M = MR>
-LMKERN_INLINE void qk_tail(int mr, const float* kf, int D, const float* qt, int64_t ldq,
+LMKERN_INLINE void qk_tail(int mr, const float* kf, int64_t D, const float* qt, int64_t ldq,
                            float* st, float scale) {
   if constexpr (M > 0) {
     if (mr == M) return qk_micro<M, NV>(kf, D, qt, ldq, st, scale);
@@ -115,7 +127,7 @@ LMKERN_INLINE void qk_tail(int mr, const float* kf, int D, const float* qt, int6
   }
 }
 template <int NV, int M = MR>
-LMKERN_INLINE void pv_tail(int mr, const float* vf, int D, int nb, const float* st, float* ot,
+LMKERN_INLINE void pv_tail(int mr, const float* vf, int64_t D, int nb, const float* st, float* ot,
                            int64_t ldo, const R* alpha) {
   if constexpr (M > 0) {
     if (mr == M) return pv_micro<M, NV>(vf, D, nb, st, ot, ldo, alpha);
@@ -129,7 +141,7 @@ template <int NV>
 LMKERN_INLINE void chunk_step(const AttnItemView& w, int nb, bool masked, const float* lim,
                               const float* kf, const float* vf, float* st, const float* qt,
                               float* ot, float* m_run, float* l_run, int64_t j0, int r0) {
-  const int D = w.D;
+  const int64_t D = w.D;
   const int64_t ld = w.ld;
   int j = 0;
   for (; j + MR <= nb; j += MR) qk_micro<MR, NV>(kf + j * D, D, qt, ld, st + j * CW, w.scale);
@@ -144,20 +156,20 @@ LMKERN_INLINE void chunk_step(const AttnItemView& w, int nb, bool masked, const 
     if (masked) {
       const R lv = Isa::load(lim + v * L);
       const R ninf = Isa::set1(-INFINITY);
-      for (int jj = 0; jj < nb; ++jj) {
+      for (int64_t jj = 0; jj < nb; ++jj) {
         const R x = vselect(Isa::set1(static_cast<float>(jj)) < lv, Isa::load(s + jj * CW), ninf);
         Isa::store(s + jj * CW, x);
         mx = vmax(x, mx);
       }
     } else {
-      for (int jj = 0; jj < nb; ++jj) mx = vmax(Isa::load(s + jj * CW), mx);
+      for (int64_t jj = 0; jj < nb; ++jj) mx = vmax(Isa::load(s + jj * CW), mx);
     }
     // A lane that has seen only masked keys keeps m = -inf; it exponentiates against 0 so that
     // its p and l stay exactly 0 (and alpha = exp(-inf) = 0 keeps its accumulator at 0).
     const R m_use = vselect(mx == Isa::set1(-INFINITY), Isa::zero(), mx);
     alpha[v] = vexp(Isa::sub(m_old, m_use));
     R sum = Isa::zero();
-    for (int jj = 0; jj < nb; ++jj) {
+    for (int64_t jj = 0; jj < nb; ++jj) {
       const R p = vexp(Isa::sub(Isa::load(s + jj * CW), m_use));
       Isa::store(s + jj * CW, p);
       sum = Isa::add(sum, p);
@@ -166,7 +178,7 @@ LMKERN_INLINE void chunk_step(const AttnItemView& w, int nb, bool masked, const 
     Isa::store(m_run + v * L, mx);
   }
 
-  int d = 0;
+  int64_t d = 0;
   for (; d + MR <= D; d += MR) pv_micro<MR, NV>(vf + d, D, nb, st, ot + d * ld, ld, alpha);
   if (d < D) pv_tail<NV>(D - d, vf + d, D, nb, st, ot + d * ld, ld, alpha);
 }
@@ -206,8 +218,9 @@ void run_item(const AttnItemView& w, float* scratch) {
   const int64_t keys = static_cast<int64_t>(nvis[R_ - 1]);
   for (int64_t j0 = 0; j0 < keys; j0 += BN) {
     const int nb = static_cast<int>(std::min<int64_t>(BN, keys - j0));
-    rows_to_fp32(static_cast<const T*>(w.k_row(j0)), w.k_tok, nb, D, kf);
-    rows_to_fp32(static_cast<const T*>(w.v_row(j0)), w.v_tok, nb, D, vf);
+    const int ahead = static_cast<int>(std::clamp<int64_t>(keys - j0 - nb, 0, nb));
+    rows_to_fp32(static_cast<const T*>(w.k_row(j0)), w.k_tok, nb, ahead, D, kf);
+    rows_to_fp32(static_cast<const T*>(w.v_row(j0)), w.v_tok, nb, ahead, D, vf);
     for (int c0 = 0; c0 < Rl; c0 += CW) {
       const int lanes = std::min(CW, Rl - c0);
       const int last = std::min(c0 + lanes, R_) - 1;
