@@ -17,11 +17,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_attention  # noqa: E402
 import bench_norm  # noqa: E402
 import bench_sampling  # noqa: E402
 import harness  # noqa: E402
 
-SUITES = {"norm": bench_norm, "sampling": bench_sampling}
+SUITES = {"attention": bench_attention, "norm": bench_norm, "sampling": bench_sampling}
 README = os.path.join(os.path.dirname(harness.RESULTS_DIR), "..", "README.md")
 
 

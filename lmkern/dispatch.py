@@ -25,8 +25,13 @@ from lmkern import _ext
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 # Order tried by "auto" on CUDA tensors, per op. It is set from measured speed (benchmarks/results);
-# ops without GPU measurements yet use DEFAULT_CUDA_PREFERENCE.
-CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {}
+# ops without GPU measurements yet use DEFAULT_CUDA_PREFERENCE, except attention: no GPU has run
+# its kernels yet, and the Triton ones are the ones CI executes (through the interpreter), while
+# the CUDA ones are only compiled there; so Triton goes first until a GPU run measures both.
+_ATTENTION_UNMEASURED = ("triton", "cuda", "reference")
+CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {
+    op: _ATTENTION_UNMEASURED for op in ("scaled_dot_product_attention", "flash_attention", "attention_with_kvcache")
+}
 DEFAULT_CUDA_PREFERENCE = ("cuda", "triton", "reference")
 # Triton on CPU tensors only runs in the interpreter, far slower than C++: auto never picks it.
 CPU_PREFERENCE = ("cpu", "reference")

@@ -511,7 +511,7 @@ def scaled_dot_product_attention(
         scale: defaults to 1/sqrt(D).
         enable_gqa: allow Hkv < Hq (Hkv must divide Hq; query head h reads head h // (Hq/Hkv)).
         backend: "auto" (default), "cuda", "triton", "cpu" or "reference"; overrides
-            LMKERN_BACKEND. Only the reference exists so far.
+            LMKERN_BACKEND.
 
     Returns:
         (..., Hq, L, Dv) in query's dtype. A row that may attend no key (fully masked) is zeros,
@@ -568,7 +568,10 @@ def scaled_dot_product_attention(
                 f"lmkern.{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                 f"(..., Hq, L, S) = {target}"
             )
-    spec = attention_ops.attention_spec(q, k, v, gqa=hq != hkv, mask=None if attn_mask is None else attn_mask.dtype, dropout=dropout_p > 0)
+    spec = attention_ops.attention_spec(
+        q, k, v, gqa=hq != hkv, mask=None if attn_mask is None else attn_mask.dtype, dropout=dropout_p > 0,
+        mask_grad=attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled(),
+    )
     _, run = dispatch.select(op, backend, spec)
     return run(q, k, v, attn_mask, float(dropout_p), is_causal, scale, enable_gqa)
 
@@ -644,7 +647,7 @@ def flash_attention(
             grids by them; the reference ignores them). Checked against cu_seqlens.
             The cu_seqlens checks read the tensors on the host (skipped under torch.compile).
         backend: "auto" (default), "cuda", "triton", "cpu" or "reference"; overrides
-            LMKERN_BACKEND. Only the reference exists so far.
+            LMKERN_BACKEND.
 
     Returns:
         out with q's shape and dtype, or ``(out, lse)`` with ``return_lse``.
@@ -696,6 +699,7 @@ def attention_with_kvcache(
     cache_seqlens: Union[Tensor, int],
     causal: bool = True,
     softmax_scale: Optional[float] = None,
+    num_splits: int = 0,
     *,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -711,8 +715,11 @@ def attention_with_kvcache(
         causal: (default True) bottom-right within the prefix: query i attends keys
             j <= i + cache_seqlens[b] - Sq, so the last query sees the whole prefix.
         softmax_scale: defaults to 1/sqrt(D).
+        num_splits: how many parts the split-KV decode kernels cut each row's cache into
+            (flash-decoding); 0 (default) lets the kernel choose. It changes the order of the
+            fp32 sums, not the math; backends without split-KV ignore it.
         backend: "auto" (default), "cuda", "triton", "cpu" or "reference"; overrides
-            LMKERN_BACKEND. Only the reference exists so far.
+            LMKERN_BACKEND.
 
     Returns:
         (B, Sq, Hq, D) in q's dtype; rows that attend no key are zeros.
@@ -749,6 +756,8 @@ def attention_with_kvcache(
             )
     causal = _check_bool(op, "causal", causal)
     scale = _check_scale(op, "softmax_scale", softmax_scale, D)
+    if not _is_int(num_splits) or num_splits < 0:
+        raise ValueError(f"lmkern.{op}: num_splits must be an int >= 0 (0 = the kernel's choice), got {num_splits!r}")
     spec = attention_ops.attention_spec(q, k_cache, v_cache, gqa=Hq != k_cache.shape[2], causal=causal)
     _, run = dispatch.select(op, backend, spec)
-    return run(q, k_cache, v_cache, cache_seqlens, causal, scale)
+    return run(q, k_cache, v_cache, cache_seqlens, causal, scale, int(num_splits))

@@ -4,10 +4,9 @@ Expected values come from torch.nn.functional.scaled_dot_product_attention in fl
 semantics are lmkern's (sdpa layout, top-left causal, masks, GQA), and from a hand-written
 float64 loop over sequences and query rows (``naive``) for flash-attn's bottom-right causal,
 varlen and the kv-cache. Inputs are fresh random tensors each run (tests/conftest.py seeds them).
-Only the reference backend exists so far; the public functions run it through the dispatcher.
+Every test here runs the reference backend (LMKERN_BACKEND=reference); the kernel backends are
+tested against the same float64 math in tests/test_attention_kernels.py.
 """
-
-import math
 
 import pytest
 import torch
@@ -16,39 +15,15 @@ import torch.nn.functional as F
 import lmkern
 from lmkern.reference import attention as ref
 
+from attention_helpers import bottom_right, naive, packed, torch_sdpa64
 from helpers import assert_close_2x
 
 LOWP = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def naive(q, k, v, scale=None, visible=lambda i, j: True):
-    """float64 attention of one sequence, row by row: q (Sq, Hq, D), k/v (Sk, Hkv, D).
-    ``visible(i, j)`` says whether query row i sees key j. Returns (out (Sq, Hq, D), lse (Hq, Sq));
-    a row that sees no key gives zeros and lse -inf."""
-    q, k, v = q.double(), k.double(), v.double()
-    Sq, Hq, D = q.shape
-    Sk, Hkv, _ = k.shape
-    scale = 1 / math.sqrt(D) if scale is None else scale
-    kh = torch.stack([k[:, h * Hkv // Hq] for h in range(Hq)], 1)  # head h reads h // (Hq / Hkv)
-    vh = torch.stack([v[:, h * Hkv // Hq] for h in range(Hq)], 1)
-    out = torch.zeros(Sq, Hq, v.shape[-1], dtype=torch.float64)
-    lse = torch.full((Hq, Sq), float("-inf"), dtype=torch.float64)
-    for i in range(Sq):
-        js = [j for j in range(Sk) if visible(i, j)]
-        if not js:
-            continue
-        s = torch.einsum("hd,jhd->hj", q[i], kh[js]) * scale  # (Hq, n)
-        lse[:, i] = torch.logsumexp(s, -1)
-        out[i] = torch.einsum("hj,jhd->hd", torch.softmax(s, -1), vh[js])
-    return out, lse
-
-
-def bottom_right(Sq, Sk):
-    return lambda i, j: j <= i + Sk - Sq
-
-
-def torch_sdpa64(q, k, v, **kw):
-    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    monkeypatch.setenv("LMKERN_BACKEND", "reference")
 
 
 def check_lowp(out, ref64, lowp_out, what):
@@ -220,19 +195,11 @@ def test_flash_conventions_differ_from_sdpa_when_lengths_differ():
     torch.testing.assert_close(flash, br.transpose(1, 2))
 
 
-def _packed(lens_q, lens_k, hq, hkv, D, dtype=torch.float32):
-    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
-    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
-    q = torch.randn(int(cu_q[-1]), hq, D).to(dtype)
-    k, v = torch.randn(int(cu_k[-1]), hkv, D).to(dtype), torch.randn(int(cu_k[-1]), hkv, D).to(dtype)
-    return q, k, v, cu_q, cu_k
-
-
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (6, 2), (3, 1)])
 def test_flash_varlen_equals_per_sequence(causal, hq, hkv):
     lens_q, lens_k = [1, 97, 0, 13, 40], [5, 97, 3, 1, 64]
-    q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, hq, hkv, 32)
+    q, k, v, cu_q, cu_k = packed(lens_q, lens_k, hq, hkv, 32)
     out, lse = lmkern.flash_attention(
         q, k, v, causal=causal, return_lse=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=97, max_seqlen_k=97
     )
@@ -330,7 +297,7 @@ def test_gradcheck_flash_with_lse():
 
 
 def test_gradcheck_varlen_and_kvcache():
-    q, k, v, cu_q, cu_k = _packed([3, 1, 4], [2, 5, 4], 2, 1, 8, torch.float64)
+    q, k, v, cu_q, cu_k = packed([3, 1, 4], [2, 5, 4], 2, 1, 8, torch.float64)
     for t in (q, k, v):
         t.requires_grad_()
     assert torch.autograd.gradcheck(
@@ -349,19 +316,6 @@ def test_low_precision_gradients_are_finite_and_in_input_dtype():
 
 
 # ----------------------------------------------------------------------------- dispatch
-
-
-def test_only_the_reference_runs_attention_and_others_say_why():
-    q = torch.randn(1, 4, 2, 8)
-    for backend in ("cpu", "triton", "cuda"):
-        with pytest.raises(lmkern.BackendError, match="not implemented yet|cuda|Triton"):
-            lmkern.flash_attention(q, q, q, backend=backend)
-    spec = lmkern.dispatch.InputSpec("cuda", torch.float16)
-    for op in ("scaled_dot_product_attention", "flash_attention", "attention_with_kvcache"):
-        why = lmkern.dispatch.reasons(op, spec)
-        assert why["reference"] is None
-        assert all(why[b] for b in ("cuda", "triton", "cpu"))
-    torch.testing.assert_close(lmkern.flash_attention(q, q, q, backend="reference"), lmkern.flash_attention(q, q, q))
 
 
 def test_float64_stays_float64():
@@ -463,7 +417,7 @@ def test_bad_masks_and_flags():
 
 
 def test_bad_cu_seqlens():
-    q, k, v, cu_q, cu_k = _packed([3, 4], [2, 6], 2, 2, 8)
+    q, k, v, cu_q, cu_k = packed([3, 4], [2, 6], 2, 2, 8)
     run = lambda **kw: lmkern.flash_attention(q, k, v, **{"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, **kw})  # noqa: E731
     with pytest.raises(TypeError, match="cu_seqlens_q must be int32"):
         run(cu_seqlens_q=cu_q.long())

@@ -1,98 +1,498 @@
 """Attention ops: scaled_dot_product_attention, flash_attention, attention_with_kvcache.
 
-Only the reference backend exists so far: lmkern.reference.attention (the specification),
-registered directly as plain differentiable PyTorch, as the norm family's reference is, so
-autograd and torch.compile trace straight through it. (Sampling wraps its reference in opaque
-custom ops for reasons specific to its integer seeds; nothing like that applies here.) The cuda,
-triton and cpu backends are registered with a "not implemented yet" reason, so `lmkern info` and
-BackendError messages say why they decline.
+Every kernel backend implements two kernel-level ops, and this module maps the three public
+functions onto them (lmkern.functional validates and normalizes the user's arguments first;
+scales arrive resolved to a float):
 
-The call contract each backend implements (lmkern.functional validates and normalizes the
-user's arguments first; scales arrive resolved to a float):
+* ``attention_fwd(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+  max_seqlen_k, causal, causal_top_left, scale) -> (out, lse)``, the contract documented beside
+  its schema in csrc/registration.cpp: flash-attn's (B, S, H, D) layout with any strides (unit
+  stride in the last dim), or packed (total, H, D) with int32 cu_seqlens; an optional fp32
+  additive ``bias`` viewed as (B, Hq, Sq, Sk) (broadcast strides allowed); ``seqused_k`` per-row
+  key counts (KV caches); causal aligned to the bottom right, or the top left (torch's sdpa).
+  fp32 lse, -inf on rows that see no key (whose output is zeros).
+* ``attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, num_splits) -> (out,
+  lse)``: split-KV decoding over a cache (few queries, long cache); inference only.
 
-* ``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> out``
-  torch layout (..., H, S, D); attn_mask None, bool or floating, broadcastable to (..., Hq, L, S).
-* ``flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-  softmax_scale) -> (out, lse)``: flash-attn layout (B, S, H, D), or packed (total, H, D) with
-  int32 cu_seqlens; lse float32 (B, Hq, Sq) or (Hq, total_q), always computed.
-* ``attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, causal, softmax_scale) -> out``
-  q (B, Sq, Hq, D), caches (B, Smax, Hkv, D), cache_seqlens int32 (B,).
+Per backend:
 
-Dispatch specs carry ``extra = {"head_dim": D, "head_dim_v": Dv, "gqa": Hq != Hkv, ...}`` so that
-kernels can decline head dimensions or features they do not cover, with a reason.
+* cpu, cuda: ``lmkern::attention_fwd`` / ``lmkern::attention_decode`` (schemas in
+  csrc/registration.cpp, kernels registered per dispatch key by lmkern._C: csrc/cpu,
+  csrc/cuda). The schema alone does not make a backend: each says "not built" unless lmkern._C
+  holds a kernel for its dispatch key.
+* triton: ``lmkern::attention_{fwd,bwd,decode}_triton``, defined here around the launchers in
+  lmkern.kernels.attention.
+* reference: lmkern.reference.attention, plain differentiable PyTorch (the specification).
+
+Backward: the triton backend has its own kernel; the C++ forwards (cpu, cuda) are differentiated
+by ``lmkern::attention_bwd_blockwise``, PyTorch recomputing the probabilities from the saved lse
+one block of query rows at a time, so no (Sq, Sk) matrix is ever held. A gradient flowing into
+the returned lse (flash_attention(return_lse=True)) also takes the blockwise path, on every
+backend. The bias (an attention mask) gets no gradient: kernels decline masks that require one.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from lmkern import dispatch
+from lmkern import _ext, dispatch
+from lmkern.ops._triton import define_triton_op
 from lmkern.reference import attention as reference
 
 OPS = ("scaled_dot_product_attention", "flash_attention", "attention_with_kvcache")
-
-NOT_IMPLEMENTED = "not implemented yet: attention kernels are to come; the reference backend runs this op"
-
-
-def attention_spec(q: Tensor, k: Tensor, v: Tensor, **extra) -> dispatch.InputSpec:
-    info = {"head_dim": q.shape[-1], "head_dim_v": v.shape[-1]}
-    info.update(extra)
-    return dispatch.InputSpec(q.device.type, q.dtype, info)
+KERNEL_DTYPES = dispatch.LOW_PRECISION_KERNEL_DTYPES
+# Head dims the Triton kernels cover (padded to a power of two inside).
+TRITON_MAX_HEAD_DIM = 256
+# The decode kernel puts a GQA group's queries (Hq / Hkv heads x Sq rows) in one tile; longer
+# query chunks go through the forward kernel with per-row key counts instead.
+DECODE_MAX_ROWS = 128
 
 
-# ----------------------------------------------------------------------------- reference backend
+# ----------------------------------------------------------------------------- shared helpers
 
 
-def reference_sdpa(
+def _unit_last(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Kernels read head vectors with unit stride and any other strides."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def _fwd_outputs(q: Tensor, packed: bool) -> tuple[Tensor, Tensor]:
+    """(out, lse) as every forward op allocates them: out contiguous like q, lse fp32
+    (B, Hq, Sq), or (Hq, total_q) when packed."""
+    out = q.new_empty(q.shape)
+    if packed:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+def _fwd_fake(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale):
+    return _fwd_outputs(q, cu_seqlens_q is not None)
+
+
+def _decode_fake(q, k_cache, v_cache, cache_seqlens, causal, scale, num_splits):
+    return _fwd_outputs(q, False)
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# ----------------------------------------------------------------------------- blockwise backward
+
+# Elements of one block of scores (query rows x keys x heads) the blockwise backward holds at once.
+BLOCKWISE_SCORE_BUDGET = 1 << 22
+
+
+def _sequence_backward(grad_out, grad_lse, q, k, v, out, lse, bias, causal_offset, scale):
+    """Gradients of one sequence, in fp32. q/out/grad_out (Sq, Hq, D), k/v (Sk, Hkv, D) with only
+    the keys the sequence reads, lse/grad_lse (Hq, Sq), bias (Hq, Sq, Sk) or None;
+    ``causal_offset`` None (not causal) or the d in "key j visible to query i iff j <= i + d".
+
+    With P = exp(s - lse): dV = P^T dO, dP = dO V^T, dS = P * (dP - delta) with
+    delta_i = rowsum(dO_i * O_i) - dlse_i, dQ = scale dS K, dK = scale dS^T Q; the GQA group's
+    query heads are summed into their key/value head."""
+    Sq, Hq, D = q.shape
+    Sk, Hkv, Dv = v.shape
+    G = Hq // Hkv
+    f32 = torch.float32
+    qf = q.to(f32).permute(1, 0, 2).reshape(Hkv, G, Sq, D)
+    kf = k.to(f32).permute(1, 0, 2)
+    vf = v.to(f32).permute(1, 0, 2)
+    dof = grad_out.to(f32).permute(1, 0, 2).reshape(Hkv, G, Sq, Dv)
+    delta = (dof * out.to(f32).permute(1, 0, 2).reshape(Hkv, G, Sq, Dv)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(f32).reshape(Hkv, G, Sq)
+    lse4 = lse.reshape(Hkv, G, Sq)
+    dq = torch.zeros((Hkv, G, Sq, D), dtype=f32, device=q.device)
+    dk = torch.zeros((Hkv, Sk, D), dtype=f32, device=q.device)
+    dv = torch.zeros((Hkv, Sk, Dv), dtype=f32, device=q.device)
+    if Sq == 0 or Sk == 0:
+        return dq, dk, dv
+    rows = max(1, min(Sq, BLOCKWISE_SCORE_BUDGET // (Hq * Sk)))
+    key_pos = torch.arange(Sk, device=q.device)
+    for i0 in range(0, Sq, rows):
+        i1 = min(Sq, i0 + rows)
+        q_blk, do_blk = qf[:, :, i0:i1], dof[:, :, i0:i1]
+        s = torch.einsum("hgid,hjd->hgij", q_blk, kf) * scale
+        if bias is not None:
+            s = s + bias[:, i0:i1].to(f32).reshape(Hkv, G, i1 - i0, Sk)
+        if causal_offset is not None:
+            query_pos = torch.arange(i0, i1, device=q.device)
+            s = s.masked_fill(key_pos[None, :] > query_pos[:, None] + causal_offset, float("-inf"))
+        l = lse4[:, :, i0:i1, None]
+        live = torch.isfinite(l)  # lse -inf: the row saw no key and has no gradient
+        p = torch.where(live, torch.exp(s - torch.where(live, l, torch.zeros_like(l))), torch.zeros_like(s))
+        dv += torch.einsum("hgij,hgid->hjd", p, do_blk)
+        ds = p * (torch.einsum("hgid,hjd->hgij", do_blk, vf) - delta[:, :, i0:i1, None])
+        dq[:, :, i0:i1] = torch.einsum("hgij,hjd->hgid", ds, kf) * scale
+        dk += torch.einsum("hgij,hgid->hjd", ds, q_blk) * scale
+    return dq, dk, dv
+
+
+@torch.library.custom_op("lmkern::attention_bwd_blockwise", mutates_args=())
+def attention_bwd_blockwise(
+    grad_out: Optional[Tensor],
+    grad_lse: Optional[Tensor],
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    attn_mask: Optional[Tensor],
-    dropout_p: float,
-    is_causal: bool,
+    out: Tensor,
+    lse: Tensor,
+    bias: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    seqused_k: Optional[Tensor],
+    causal: bool,
+    causal_top_left: bool,
     scale: float,
-    enable_gqa: bool,
-) -> Tensor:
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of attention_fwd, on any device, in PyTorch one block of query rows at a
+    time (see _sequence_backward). Reads cu_seqlens / seqused_k on the host."""
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
+    packed = cu_seqlens_q is not None
+    if packed:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        spans = [(slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+    else:
+        Sk = k.shape[1]
+        used = seqused_k.tolist() if seqused_k is not None else [Sk] * q.shape[0]
+        spans = [(b, min(max(used[b], 0), Sk)) for b in range(q.shape[0])]
+    for b, (rows_q, rows_k) in enumerate(spans):
+        if packed:
+            qs, ks, vs, os_, gs = q[rows_q], k[rows_k], v[rows_k], out[rows_q], grad_out[rows_q]
+            ls = lse[:, rows_q]
+            gl = grad_lse[:, rows_q] if grad_lse is not None else None
+            bs = None
+        else:
+            qs, ks, vs, os_, gs = q[rows_q], k[rows_q, :rows_k], v[rows_q, :rows_k], out[rows_q], grad_out[rows_q]
+            ls = lse[rows_q]
+            gl = grad_lse[rows_q] if grad_lse is not None else None
+            bs = bias[rows_q, :, :, :rows_k] if bias is not None else None
+        Sq_b, Sk_b = qs.shape[0], ks.shape[0]
+        if Sq_b == 0 or Sk_b == 0:
+            continue  # no score: every gradient of this sequence is zero
+        offset = None if not causal else (0 if causal_top_left else Sk_b - Sq_b)
+        gq, gk, gv = _sequence_backward(gs, gl, qs, ks, vs, os_, ls, bs, offset, scale)
+        # (Hkv, G, Sq, D) -> (Sq, Hq, D); (Hkv, Sk, D) -> (Sk, Hkv, D)
+        gq = gq.reshape(-1, Sq_b, gq.shape[-1]).permute(1, 0, 2)
+        if packed:
+            dq[rows_q], dk[rows_k], dv[rows_k] = gq, gk.permute(1, 0, 2), gv.permute(1, 0, 2)
+        else:
+            dq[rows_q] = gq
+            dk[rows_q, :rows_k] = gk.permute(1, 0, 2)
+            dv[rows_q, :rows_k] = gv.permute(1, 0, 2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@attention_bwd_blockwise.register_fake
+def _attention_bwd_blockwise_fake(grad_out, grad_lse, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, causal, causal_top_left, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# ----------------------------------------------------------------------------- C++ ops (cpu, cuda)
+
+_HAS_SCHEMAS = _ext.HAS_CPP and all(hasattr(torch.ops.lmkern, n) for n in ("attention_fwd", "attention_decode"))
+
+if _HAS_SCHEMAS:
+    torch.library.register_fake("lmkern::attention_fwd", _fwd_fake)
+    torch.library.register_fake("lmkern::attention_decode", _decode_fake)
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return _HAS_SCHEMAS and torch._C._dispatch_has_kernel_for_dispatch_key(f"lmkern::{op}", key)
+
+
+# Which compiled kernels lmkern._C registered (schemas exist in every build, kernels only where
+# their sources were compiled in).
+CPP_KERNELS: dict[tuple[str, str], bool] = {
+    (op, key): _has_kernel(op, key) for op in ("attention_fwd", "attention_decode") for key in ("CPU", "CUDA")
+}
+
+
+# ----------------------------------------------------------------------------- Triton ops
+
+TRITON_ATTENTION_ERROR: Optional[str] = None  # why the Triton attention ops are missing, if they are
+triton_attention = None
+if _ext.HAS_TRITON:
+    try:
+        triton_attention = importlib.import_module("lmkern.kernels.attention")
+        _missing = [n for n in ("attention_fwd", "attention_bwd") if not callable(getattr(triton_attention, n, None))]
+        if _missing:
+            triton_attention = None
+            TRITON_ATTENTION_ERROR = f"lmkern.kernels.attention has no {' / '.join(_missing)} launcher: not implemented"
+    except ImportError as e:
+        TRITON_ATTENTION_ERROR = f"Triton attention kernels are not implemented in this installation ({e})"
+    except Exception as e:  # a broken kernel module removes this backend only
+        TRITON_ATTENTION_ERROR = f"lmkern.kernels.attention failed to import ({type(e).__name__}: {e})"
+else:
+    TRITON_ATTENTION_ERROR = _ext.TRITON_ERROR
+
+HAS_TRITON_DECODE = triton_attention is not None and callable(getattr(triton_attention, "attention_decode", None))
+
+if triton_attention is not None:
+
+    @define_triton_op("lmkern::attention_fwd_triton", _fwd_fake)
+    def attention_fwd_triton(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Optional[Tensor],
+        cu_seqlens_q: Optional[Tensor],
+        cu_seqlens_k: Optional[Tensor],
+        seqused_k: Optional[Tensor],
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        causal: bool,
+        causal_top_left: bool,
+        scale: float,
+    ) -> tuple[Tensor, Tensor]:
+        out, lse = _fwd_outputs(q, cu_seqlens_q is not None)
+        if q.numel() == 0:
+            return out, lse
+        triton_attention.attention_fwd(
+            _unit_last(q), _unit_last(k), _unit_last(v), bias, cu_seqlens_q, cu_seqlens_k, seqused_k,
+            max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale, out, lse,
+        )
+        return out, lse
+
+    @define_triton_op("lmkern::attention_bwd_triton", _bwd_fake)
+    def attention_bwd_triton(
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        bias: Optional[Tensor],
+        cu_seqlens_q: Optional[Tensor],
+        cu_seqlens_k: Optional[Tensor],
+        seqused_k: Optional[Tensor],
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        causal: bool,
+        causal_top_left: bool,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+        if q.numel() == 0 or k.numel() == 0:
+            return dq.zero_(), dk.zero_(), dv.zero_()
+        triton_attention.attention_bwd(
+            _unit_last(grad_out), _unit_last(q), _unit_last(k), _unit_last(v), out, lse, bias,
+            cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale,
+            dq, dk, dv,
+        )
+        return dq, dk, dv
+
+if HAS_TRITON_DECODE:
+
+    @define_triton_op("lmkern::attention_decode_triton", _decode_fake)
+    def attention_decode_triton(
+        q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, causal: bool, scale: float, num_splits: int
+    ) -> tuple[Tensor, Tensor]:
+        out, lse = _fwd_outputs(q, False)
+        if q.numel() == 0:
+            return out, lse
+        triton_attention.attention_decode(
+            _unit_last(q), _unit_last(k_cache), _unit_last(v_cache), cache_seqlens, causal, scale, num_splits, out, lse
+        )
+        return out, lse
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _register_autograd(fwd: str, bwd: Optional[str]) -> None:
+    """Autograd of the forward op ``fwd``: its backend's backward op ``bwd`` (None: the
+    blockwise PyTorch backward), or the blockwise one whenever the lse receives a gradient."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale = inputs
+        out, lse = output
+        ctx.set_materialize_grads(False)  # an unused lse brings None, not a tensor of zeros
+        ctx.args = (max_q, max_k, causal, top_left, scale)
+        ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k, seqused_k)
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, bias, cu_q, cu_k, seqused_k = ctx.saved_tensors
+        max_q, max_k, causal, top_left, scale = ctx.args
+        if grad_out is None and grad_lse is None:
+            return (None,) * 12
+        if bwd is None or grad_lse is not None or grad_out is None:
+            dq, dk, dv = torch.ops.lmkern.attention_bwd_blockwise(
+                grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, causal, top_left, scale
+            )
+        else:
+            dq, dk, dv = getattr(torch.ops.lmkern, bwd)(
+                grad_out, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale
+            )
+        return (dq, dk, dv) + (None,) * 9
+
+    torch.library.register_autograd(f"lmkern::{fwd}", backward, setup_context=setup_context)
+
+
+if _HAS_SCHEMAS:
+    _register_autograd("attention_fwd", None)
+if triton_attention is not None:
+    _register_autograd("attention_fwd_triton", "attention_bwd_triton")
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class KernelBackend:
+    """The three public functions of one kernel backend, on its ``attention_fwd`` op (and its
+    ``attention_decode`` op for cache decoding, when it has one)."""
+
+    def __init__(self, fwd, decode=None):
+        self._fwd, self._decode = fwd, decode
+
+    def fwd(self, q, k, v, *args):
+        return self._fwd(_unit_last(q), _unit_last(k), _unit_last(v), *args)
+
+    def decode(self, q, k_cache, v_cache, *args):
+        return self._decode(_unit_last(q), _unit_last(k_cache), _unit_last(v_cache), *args)
+
+    def sdpa(self, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        # (..., H, S, D) -> (B, S, H, D) views: the kernels take any strides, so no copy when
+        # the leading dims flatten into one.
+        lead, (Hq, L, D), (Hkv, S), Dv = q.shape[:-3], q.shape[-3:], k.shape[-3:-1], v.shape[-1]
+        q4 = q.reshape(-1, Hq, L, D).transpose(1, 2)
+        k4 = k.reshape(-1, Hkv, S, D).transpose(1, 2)
+        v4 = v.reshape(-1, Hkv, S, Dv).transpose(1, 2)
+        bias = None
+        if attn_mask is not None:
+            # fp32 additive bias built at the mask's own (unbroadcast) size, then viewed as
+            # (B, Hq, L, S) with zero strides where the mask broadcasts
+            if attn_mask.dtype == torch.bool:
+                bias = torch.zeros(attn_mask.shape, dtype=torch.float32, device=q.device).masked_fill_(~attn_mask, float("-inf"))
+            else:
+                bias = attn_mask.to(torch.float32)
+            bias = bias.expand(lead + (Hq, L, S)).reshape(-1, Hq, L, S)
+        out, _ = self.fwd(q4, k4, v4, bias, None, None, None, L, S, is_causal, True, scale)
+        return out.transpose(1, 2).reshape(lead + (Hq, L, Dv))
+
+    def flash_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+        if cu_seqlens_q is None:
+            return self.fwd(q, k, v, None, None, None, None, q.shape[1], k.shape[1], causal, False, softmax_scale)
+        # without the hints, the packed totals bound every sequence (no host read)
+        max_q = max_seqlen_q if max_seqlen_q is not None else q.shape[0]
+        max_k = max_seqlen_k if max_seqlen_k is not None else k.shape[0]
+        return self.fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, None, max_q, max_k, causal, False, softmax_scale)
+
+    def attention_with_kvcache(self, q, k_cache, v_cache, cache_seqlens, causal, softmax_scale, num_splits):
+        B, Sq, Hq, _ = q.shape
+        rows = Sq * (Hq // k_cache.shape[2])
+        if self._decode is not None and rows <= DECODE_MAX_ROWS and not _needs_grad(q, k_cache, v_cache):
+            out, _ = self.decode(q, k_cache, v_cache, cache_seqlens, causal, softmax_scale, num_splits)
+            return out
+        out, _ = self.fwd(q, k_cache, v_cache, None, None, None, cache_seqlens, Sq, k_cache.shape[1], causal, False, softmax_scale)
+        return out
+
+
+def reference_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     return reference.sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
-def reference_flash_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor],
-    max_seqlen_q: Optional[int],
-    max_seqlen_k: Optional[int],
-    causal: bool,
-    softmax_scale: float,
-) -> tuple[Tensor, Tensor]:
+def reference_flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
     return reference.flash_attention(
         q, k, v, causal, softmax_scale, True, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
 
 
-def reference_attention_with_kvcache(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, causal: bool, softmax_scale: float
-) -> Tensor:
+def reference_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, causal, softmax_scale, num_splits):
     return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, causal, softmax_scale)
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _not_implemented(spec: dispatch.InputSpec) -> Optional[str]:
-    return NOT_IMPLEMENTED
+def attention_spec(q: Tensor, k: Tensor, v: Tensor, **extra) -> dispatch.InputSpec:
+    """Dispatch spec: ``head_dim``, ``head_dim_v`` and whatever the public function adds
+    (gqa, mask dtype, mask_grad, dropout, varlen, causal)."""
+    info = {"head_dim": q.shape[-1], "head_dim_v": v.shape[-1]}
+    info.update(extra)
+    return dispatch.InputSpec(q.device.type, q.dtype, info)
+
+
+def _kernel_support(spec: dispatch.InputSpec) -> Optional[str]:
+    """What every attention kernel backend declines (the reference runs these)."""
+    if spec.dtype not in KERNEL_DTYPES:
+        return f"{spec.dtype} inputs run on the reference backend (kernels take float32, float16, bfloat16)"
+    if spec.extra.get("head_dim") != spec.extra.get("head_dim_v"):
+        return "value's head dim differs from query's; the kernels need them equal"
+    if spec.extra.get("dropout"):
+        return "dropout_p > 0: the kernels have no dropout (the reference backend does it)"
+    if spec.extra.get("mask_grad"):
+        return "attn_mask requires grad: the kernels give masks no gradient (the reference does)"
+    return None
+
+
+def _cpu_support(spec: dispatch.InputSpec) -> Optional[str]:
+    if not CPP_KERNELS[("attention_fwd", "CPU")]:
+        return "not built: lmkern._C has no CPU kernel for lmkern::attention_fwd (rebuild with `pip install --no-build-isolation .`)"
+    return _kernel_support(spec)
+
+
+def _cuda_support(spec: dispatch.InputSpec) -> Optional[str]:
+    if not CPP_KERNELS[("attention_fwd", "CUDA")]:
+        return "not built: lmkern._C has no CUDA kernel for lmkern::attention_fwd"
+    return _kernel_support(spec)
+
+
+def _triton_support(spec: dispatch.InputSpec) -> Optional[str]:
+    if triton_attention is None:
+        return TRITON_ATTENTION_ERROR or "Triton attention kernels are not implemented"
+    if spec.device_type == "cpu" and spec.dtype == torch.bfloat16:
+        return "Triton's CPU interpreter computes bfloat16 incorrectly; bfloat16 Triton runs on CUDA only"
+    if spec.extra.get("head_dim", 0) > TRITON_MAX_HEAD_DIM:
+        return f"head dim {spec.extra['head_dim']} > {TRITON_MAX_HEAD_DIM}, the largest the Triton kernels tile"
+    return _kernel_support(spec)
 
 
 def _reference_support(spec: dispatch.InputSpec) -> Optional[str]:
     return None if spec.dtype.is_floating_point else f"q must be floating point, got {spec.dtype}"
 
 
+def _op(name: str):
+    return getattr(torch.ops.lmkern, name) if hasattr(torch.ops.lmkern, name) else None
+
+
+def _backend(fwd: Optional[str], decode: Optional[str]) -> Optional[KernelBackend]:
+    return KernelBackend(_op(fwd), _op(decode) if decode else None) if fwd and _op(fwd) is not None else None
+
+
+_METHODS = {"scaled_dot_product_attention": "sdpa", "flash_attention": "flash_attention", "attention_with_kvcache": "attention_with_kvcache"}
+_KERNEL_BACKENDS = {
+    "cpu": (_cpu_support, _backend("attention_fwd", None) if CPP_KERNELS[("attention_fwd", "CPU")] else None),
+    "cuda": (
+        _cuda_support,
+        _backend("attention_fwd", "attention_decode" if CPP_KERNELS[("attention_decode", "CUDA")] else None)
+        if CPP_KERNELS[("attention_fwd", "CUDA")]
+        else None,
+    ),
+    "triton": (
+        _triton_support,
+        _backend("attention_fwd_triton", "attention_decode_triton" if HAS_TRITON_DECODE else None)
+        if triton_attention is not None
+        else None,
+    ),
+}
+for _backend_name, (_supports, _impl) in _KERNEL_BACKENDS.items():
+    for _name in OPS:
+        dispatch.register(_name, _backend_name, _supports, getattr(_impl, _METHODS[_name]) if _impl else None)
 for _name, _ref in zip(OPS, (reference_sdpa, reference_flash_attention, reference_attention_with_kvcache)):
-    for _backend in ("cuda", "triton", "cpu"):
-        dispatch.register(_name, _backend, _not_implemented, None)
     dispatch.register(_name, "reference", _reference_support, _ref)

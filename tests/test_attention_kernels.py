@@ -1,0 +1,399 @@
+"""Every attention kernel backend this installation can run (cpu, triton through the interpreter on
+CPU; cuda and triton on a GPU), through the public functions, against the float64 reference.
+
+Expected values: lmkern.reference.attention evaluated in float64 (its own tests pin it to
+torch's float64 sdpa and to a row-by-row loop). Low precision follows the flash-attention rule:
+the kernel's error is at most twice that of the same math done in the input dtype (the
+reference with upcast=False) plus a rounding floor (tests/helpers.assert_close_2x). Gradients
+are checked the same way against float64 autograd through the reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmkern
+from lmkern.ops import attention as attention_ops
+from lmkern.reference import attention as ref
+
+from attention_helpers import packed
+from helpers import assert_close_2x
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def dtypes_for(device: str, backend: str) -> list[torch.dtype]:
+    # Triton's CPU interpreter computes bfloat16 wrongly; the dispatcher declines it there
+    if backend == "triton" and device == "cpu":
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def kb(kernel_device_backend):
+    """(device, backend) of one attention kernel backend; skips backends this build lacks for
+    attention (their reasons are asserted in test_kernel_backends_are_present)."""
+    device, backend = kernel_device_backend
+    spec = attention_ops.attention_spec(torch.empty(1, 1, 1, 64, device=device), *(torch.empty(1, 1, 1, 64, device=device),) * 2)
+    why = lmkern.dispatch.reasons("flash_attention", spec)[backend]
+    if why is not None:
+        pytest.skip(f"{backend} attention on {device}: {why}")
+    return device, backend
+
+
+def test_kernel_backends_are_present():
+    """The backends CI requires (LMKERN_REQUIRE_BACKENDS) run attention on CPU tensors."""
+    import os
+
+    required = [b for b in os.environ.get("LMKERN_REQUIRE_BACKENDS", "").split(",") if b in ("cpu", "triton")]
+    spec = attention_ops.attention_spec(*(torch.empty(1, 1, 1, 64),) * 3)
+    why = lmkern.dispatch.reasons("flash_attention", spec)
+    for b in required:
+        assert why[b] is None, f"{b}: {why[b]}"
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", grad=False):
+    return torch.randn(*shape, device=device).to(dtype).requires_grad_(grad)
+
+
+def check(out, expect64, lowp, what):
+    """``out`` against the float64 ``expect64``: the 2x rule against ``lowp`` (the same math in
+    out's dtype)."""
+    assert out.dtype == lowp.dtype, what
+    assert_close_2x(out.cpu(), expect64.cpu(), lowp.cpu(), what)
+
+
+def run_and_grads(fn, inputs, grad_out=None):
+    """fn(*inputs) and the gradients of <out, grad_out> with respect to inputs."""
+    out = fn(*inputs)
+    if grad_out is None:
+        grad_out = torch.randn_like(out, dtype=torch.float32).to(out.dtype)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return out, grads, grad_out
+
+
+def compare(fn_kernel, fn_ref, inputs, what, backward=True):
+    """fn_kernel on ``inputs`` against fn_ref(upcast) in float64 and in the inputs' dtype
+    (forward, and every input gradient when ``backward``)."""
+    dt = inputs[0].dtype
+    x64 = [t.detach().double().requires_grad_(backward) for t in inputs]
+    xlp = [t.detach().requires_grad_(backward) for t in inputs]
+    xk = [t.detach().requires_grad_(backward) for t in inputs]
+    if not backward:
+        out = fn_kernel(*xk)
+        check(out, fn_ref(*x64, upcast=True), fn_ref(*xlp, upcast=False), what)
+        return out
+    out, grads, g = run_and_grads(fn_kernel, xk)
+    out64, grads64, _ = run_and_grads(lambda *a: fn_ref(*a, upcast=True), x64, g.double())
+    outlp, gradslp, _ = run_and_grads(lambda *a: fn_ref(*a, upcast=False), xlp, g)
+    check(out, out64, outlp, what)
+    # dq = scale * sum_j P_ij (dP_ij - delta_i) k_j cancels terms of about |dO| |v| |k| scale
+    # (and dk likewise with q), which float32 rounds whatever the order: that sets the floor
+    norm = lambda t: t.detach().double().norm(dim=-1).max().item() if t.numel() else 0.0  # noqa: E731
+    terms = g.abs().max().item() * (norm(x64[2]) * max(norm(x64[0]), norm(x64[1])) / x64[0].shape[-1] ** 0.5 + 1)
+    for name, gk, g64, glp in zip("qkv", grads, grads64, gradslp):
+        assert_close_2x(gk.cpu(), g64.cpu(), glp.cpu(), f"{what} d{name}", term_scale=terms)
+    return out
+
+
+# ----------------------------------------------------------------------------- sdpa
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L, S", [(1, 1), (1, 97), (97, 1), (33, 70), (70, 33)])
+def test_sdpa(kb, causal, L, S):
+    device, backend = kb
+    for dtype in dtypes_for(device, backend):
+        q, k, v = (rand(2, 3, n, 32, dtype=dtype, device=device) for n in (L, S, S))
+        compare(
+            lambda q, k, v: lmkern.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend),
+            lambda q, k, v, upcast: ref.sdpa(q, k, v, is_causal=causal, upcast=upcast),
+            [q, k, v], f"{backend} sdpa {dtype} L={L} S={S} causal={causal}",
+            backward=dtype != torch.bfloat16 or device == "cuda",
+        )
+
+
+@pytest.mark.parametrize("hq, hkv", [(8, 2), (6, 1)])
+def test_sdpa_gqa(kb, hq, hkv):
+    device, backend = kb
+    q, k, v = rand(2, hq, 17, 64, device=device), rand(2, hkv, 23, 64, device=device), rand(2, hkv, 23, 64, device=device)
+    compare(
+        lambda q, k, v: lmkern.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, backend=backend),
+        lambda q, k, v, upcast: ref.sdpa(q, k, v, is_causal=True, enable_gqa=True, upcast=upcast),
+        [q, k, v], f"{backend} sdpa gqa {hq}/{hkv}",
+    )
+
+
+@pytest.mark.parametrize("mask_shape", [(7, 11), (1, 11), (7, 1), (3, 1, 11), (2, 3, 7, 11), (2, 1, 1, 11)])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_sdpa_masks_broadcast(kb, mask_shape, kind):
+    device, backend = kb
+    q, k, v = rand(2, 3, 7, 32, device=device), rand(2, 3, 11, 32, device=device), rand(2, 3, 11, 32, device=device)
+    if kind == "bool":
+        mask = torch.rand(mask_shape, device=device) > 0.3
+        mask[..., 0] = True
+    else:
+        mask = torch.randn(mask_shape, device=device) * 2
+        mask[torch.rand(mask_shape, device=device) > 0.8] = float("-inf")
+        mask[..., 0] = 0.0
+    compare(
+        lambda q, k, v: lmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend),
+        lambda q, k, v, upcast: ref.sdpa(q, k, v, attn_mask=mask if kind == "bool" or not upcast else mask.double(), upcast=upcast),
+        [q, k, v], f"{backend} sdpa mask {kind} {mask_shape}",
+    )
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_sdpa_fully_masked_rows_are_zero_with_zero_grad(kb, kind):
+    device, backend = kb
+    q, k, v = (rand(2, 2, 6, 32, device=device, grad=True) for _ in range(3))
+    if kind == "bool":
+        mask = torch.rand(6, 6, device=device) > 0.5
+        mask[2] = False
+        mask[[0, 1, 3, 4, 5], 0] = True
+    else:
+        mask = torch.randn(6, 6, device=device)
+        mask[2] = float("-inf")
+    out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    assert (out[:, :, 2] == 0).all() and torch.isfinite(out).all()
+    out.sum().backward()
+    assert (q.grad[:, :, 2] == 0).all()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_sdpa_three_dims_extra_batch_dims_and_empty(kb):
+    device, backend = kb
+    for shape_q, shape_k in [((3, 5, 32), (3, 7, 32)), ((2, 2, 3, 5, 32), (2, 2, 3, 7, 32)), ((0, 3, 5, 32), (0, 3, 7, 32))]:
+        q, k, v = rand(*shape_q, device=device), rand(*shape_k, device=device), rand(*shape_k, device=device)
+        out = lmkern.scaled_dot_product_attention(q, k, v, backend=backend)
+        expect = ref.sdpa(q.double(), k.double(), v.double())
+        assert out.shape == expect.shape
+        torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_noncontiguous(kb):
+    device, backend = kb
+    q = rand(2, 9, 3, 64, device=device).transpose(1, 2)  # (B, H, S, D) with strided heads
+    k = rand(2, 3, 11, 128, device=device)[..., ::2]  # non-unit last stride
+    v = rand(11, 3, 2, 64, device=device).permute(2, 1, 0, 3)
+    out = lmkern.scaled_dot_product_attention(q, k, v, backend=backend)
+    torch.testing.assert_close(out.double(), ref.sdpa(q.double(), k.double(), v.double()), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- flash_attention
+
+
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128, 256])
+def test_flash_head_dims(kb, D):
+    device, backend = kb
+    for dtype in dtypes_for(device, backend):
+        q = rand(1, 19, 4, D, dtype=dtype, device=device)
+        k, v = rand(1, 31, 2, D, dtype=dtype, device=device), rand(1, 31, 2, D, dtype=dtype, device=device)
+        out, lse = lmkern.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
+        e64, lse64 = ref.flash_attention(q.double(), k.double(), v.double(), causal=True, return_lse=True)
+        check(out, e64, ref.flash_attention(q, k, v, causal=True, upcast=False), f"{backend} D={D} {dtype}")
+        assert lse.dtype == torch.float32
+        torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("Sq, Sk", [(1, 1), (1, 97), (97, 1), (33, 97), (97, 33), (64, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 1)])
+def test_flash_dense(kb, Sq, Sk, causal, hq, hkv):
+    device, backend = kb
+    dtype = torch.float16 if (Sq + Sk) % 2 else torch.float32  # both dtypes over the grid
+    q = rand(2, Sq, hq, 32, dtype=dtype, device=device)
+    k, v = rand(2, Sk, hkv, 32, dtype=dtype, device=device), rand(2, Sk, hkv, 32, dtype=dtype, device=device)
+    compare(
+        lambda q, k, v: lmkern.flash_attention(q, k, v, causal=causal, backend=backend),
+        lambda q, k, v, upcast: ref.flash_attention(q, k, v, causal=causal, upcast=upcast),
+        [q, k, v], f"{backend} flash {dtype} Sq={Sq} Sk={Sk} causal={causal} {hq}/{hkv}",
+    )
+
+
+def test_flash_long_sequence(kb):
+    """Crosses many key and query tiles, with causal block skipping."""
+    device, backend = kb
+    S = 1025 if backend != "triton" or device == "cuda" else 300  # the interpreter is slow
+    q, k, v = (rand(1, S, 2, 64, device=device) for _ in range(3))
+    compare(
+        lambda q, k, v: lmkern.flash_attention(q, k, v, causal=True, backend=backend),
+        lambda q, k, v, upcast: ref.flash_attention(q, k, v, causal=True, upcast=upcast),
+        [q, k, v], f"{backend} long S={S}",
+    )
+
+
+def test_flash_lse_gradient_and_fully_masked_rows(kb):
+    device, backend = kb
+    q = rand(1, 7, 2, 32, device=device, grad=True)
+    k, v = rand(1, 3, 2, 32, device=device, grad=True), rand(1, 3, 2, 32, device=device, grad=True)
+    out, lse = lmkern.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    assert (out[0, :4] == 0).all() and torch.isneginf(lse[0, :, :4]).all() and torch.isfinite(lse[0, :, 4:]).all()
+    w = torch.randn_like(lse[..., 4:])
+    gk = torch.autograd.grad(out.sum() + (lse[..., 4:] * w).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o64, l64 = ref.flash_attention(q64, k64, v64, causal=True, return_lse=True)
+    g64 = torch.autograd.grad(o64.sum() + (l64[..., 4:] * w.double()).sum(), (q64, k64, v64))
+    for a, b in zip(gk, g64):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=2e-5)
+    assert (gk[0][0, :4] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (6, 2)])
+def test_flash_varlen(kb, causal, hq, hkv):
+    device, backend = kb
+    lens_q, lens_k = [1, 70, 0, 13, 40], [5, 70, 3, 1, 64]
+    q, k, v, cu_q, cu_k = packed(lens_q, lens_k, hq, hkv, 64)
+    q, k, v, cu_q, cu_k = (t.to(device) for t in (q, k, v, cu_q, cu_k))
+    compare(
+        lambda q, k, v: lmkern.flash_attention(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=70, max_seqlen_k=70, backend=backend),
+        lambda q, k, v, upcast: ref.flash_attention(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, upcast=upcast),
+        [q, k, v], f"{backend} varlen causal={causal} {hq}/{hkv}",
+    )
+    _, lse = lmkern.flash_attention(q, k, v, causal=causal, return_lse=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend)
+    _, e = ref.flash_attention(q.double(), k.double(), v.double(), causal=causal, return_lse=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert lse.shape == (hq, q.shape[0])
+    torch.testing.assert_close(lse.double(), e, atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------------------- kv cache
+
+
+@pytest.mark.parametrize("Sq", [1, 4])
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (4, 1)])
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+def test_kvcache(kb, Sq, hq, hkv, num_splits):
+    device, backend = kb
+    B, Smax, D = 4, 97, 64
+    for dtype in (torch.float32, torch.float16):
+        q = rand(B, Sq, hq, D, dtype=dtype, device=device)
+        kc, vc = rand(B, Smax, hkv, D, dtype=dtype, device=device), rand(B, Smax, hkv, D, dtype=dtype, device=device)
+        lens = torch.tensor([97, 1, 0, 50], dtype=torch.int32, device=device)
+        kc[1, 1:] = float("nan")  # never read: slots past the prefix
+        vc[1, 1:] = float("nan")
+        kc[2] = float("nan")
+        out = lmkern.attention_with_kvcache(q, kc, vc, lens, causal=True, num_splits=num_splits, backend=backend)
+        e64 = ref.attention_with_kvcache(q.double(), kc.double(), vc.double(), lens)
+        lowp = ref.attention_with_kvcache(q, kc, vc, lens, upcast=False)
+        check(out, e64, lowp, f"{backend} kvcache Sq={Sq} {hq}/{hkv} splits={num_splits} {dtype}")
+        assert (out[2] == 0).all()
+
+
+def test_kvcache_gradients(kb):
+    device, backend = kb
+    lens = torch.tensor([9, 3], dtype=torch.int32, device=device)
+    q, kc, vc = rand(2, 3, 4, 32, device=device), rand(2, 12, 2, 32, device=device), rand(2, 12, 2, 32, device=device)
+    compare(
+        lambda q, kc, vc: lmkern.attention_with_kvcache(q, kc, vc, lens, backend=backend),
+        lambda q, kc, vc, upcast: ref.attention_with_kvcache(q, kc, vc, lens, upcast=upcast),
+        [q, kc, vc], f"{backend} kvcache grads",
+    )
+
+
+# ----------------------------------------------------------------------------- dispatch, ops, compile
+
+
+def test_kernels_decline_what_the_reference_does(kb):
+    device, backend = kb
+    q = rand(1, 2, 5, 32, device=device)
+    cases = [
+        (dict(dropout_p=0.5), "dropout"),
+        (dict(attn_mask=torch.zeros(5, 5, device=device, requires_grad=True)), "attn_mask requires grad"),
+    ]
+    for kw, reason in cases:
+        with pytest.raises(lmkern.BackendError, match=reason):
+            lmkern.scaled_dot_product_attention(q, q, q, backend=backend, **kw)
+    with pytest.raises(lmkern.BackendError, match="float64"):
+        lmkern.scaled_dot_product_attention(q.double(), q.double(), q.double(), backend=backend)
+    with pytest.raises(lmkern.BackendError, match="value's head dim"):
+        lmkern.scaled_dot_product_attention(q, q, rand(1, 2, 5, 16, device=device), backend=backend)
+    # auto falls back to the reference for them
+    out = lmkern.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(5, 5, device=device, requires_grad=True))
+    torch.testing.assert_close(out, ref.sdpa(q, q, q))
+
+
+def test_auto_picks_the_cpu_kernel_on_cpu():
+    spec = attention_ops.attention_spec(*(torch.empty(1, 4, 2, 64),) * 3)
+    name, _ = lmkern.dispatch.select("flash_attention", None, spec)
+    assert name == ("cpu" if attention_ops.CPP_KERNELS[("attention_fwd", "CPU")] else "reference")
+
+
+def _kernel_op_cases(device, backend):
+    fwd = torch.ops.lmkern.attention_fwd if backend in ("cpu", "cuda") else torch.ops.lmkern.attention_fwd_triton
+    q, k, v = (rand(2, 9, 4, 32, device=device, grad=True) for _ in range(3))
+    qp, kp, vp, cu_q, cu_k = (t.to(device) for t in packed([3, 6], [5, 4], 4, 2, 32))
+    bias = torch.randn(9, 9, device=device).expand(2, 4, 9, 9)
+    lens = torch.tensor([4, 9], dtype=torch.int32, device=device)
+    return fwd, [
+        (q, k, v, None, None, None, None, 9, 9, True, False, 0.3),
+        (q, k, v, bias, None, None, None, 9, 9, False, True, 0.2),
+        (q, k, v, None, None, None, lens, 9, 9, True, False, 0.2),
+        (qp.requires_grad_(), kp.requires_grad_(), vp.requires_grad_(), None, cu_q, cu_k, None, 6, 5, True, False, 0.2),
+    ]
+
+
+def test_opcheck_kernel_ops(kb):
+    device, backend = kb
+    fwd, cases = _kernel_op_cases(device, backend)
+    for args in cases:
+        torch.library.opcheck(fwd, args)
+
+
+def test_opcheck_blockwise_backward():
+    q, k, v = (rand(2, 9, 4, 32) for _ in range(3))
+    out, lse = ref.flash_attention(q, k, v, causal=True, return_lse=True)
+    g = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.lmkern.attention_bwd_blockwise, (g, None, q, k, v, out, lse, None, None, None, None, True, False, 0.2)
+    )
+
+
+def test_blockwise_backward_in_small_blocks(monkeypatch):
+    """The CPU/CUDA backward walks query rows in blocks; force many tiny blocks."""
+    monkeypatch.setattr(attention_ops, "BLOCKWISE_SCORE_BUDGET", 1)
+    q, k, v = rand(2, 13, 4, 16), rand(2, 17, 2, 16), rand(2, 17, 2, 16)
+    bias = torch.randn(13, 17).expand(2, 4, 13, 17)
+    lens = torch.tensor([17, 5], dtype=torch.int32)
+    for causal, top_left, b, used in [(True, False, None, None), (True, True, bias, None), (False, False, None, lens)]:
+        x64 = [t.double().requires_grad_() for t in (q, k, v)]
+
+        def ref_fn(q, k, v):
+            mask = torch.ones(13, 17, dtype=torch.bool)
+            if causal:
+                mask = torch.ones(13, 17, dtype=torch.bool).tril(0 if top_left else 17 - 13)
+            allowed = mask.expand(2, 4, 13, 17).clone()
+            if used is not None:
+                allowed &= torch.arange(17)[None, None, None, :] < used.long()[:, None, None, None]
+            kk, vv = ref._expand_kv_heads(k.transpose(1, 2), v.transpose(1, 2), 4, 1)
+            o, l = ref.attention_core(q.transpose(1, 2), kk, vv, 0.25, allowed, None if b is None else b.double())
+            return o.transpose(1, 2), l
+
+        o64, l64 = ref_fn(*x64)
+        g = torch.randn_like(o64)
+        e = torch.autograd.grad((o64 * g).sum(), x64)
+        dq, dk, dv = torch.ops.lmkern.attention_bwd_blockwise(
+            g.float(), None, q, k, v, o64.float(), l64.float(), b, None, None, used, causal, top_left, 0.25
+        )
+        for a, x in zip((dq, dk, dv), e):
+            torch.testing.assert_close(a.double(), x, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_fullgraph(kb):
+    device, backend = kb
+    torch._dynamo.reset()
+    q, k, v = (rand(2, 9, 4, 32, device=device, grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        return lmkern.flash_attention(q, k, v, causal=True, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, f(q, k, v))
+    g = torch.autograd.grad(out.sum(), (q, k, v))
+    e = torch.autograd.grad(f(q, k, v).sum(), (q, k, v))
+    for a, b in zip(g, e):
+        torch.testing.assert_close(a, b)
