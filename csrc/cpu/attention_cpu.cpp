@@ -118,7 +118,7 @@ constexpr const char* kOp = "lmkern.attention_fwd: ";
 
 // Floats of per-thread scratch for items of up to `ld` rows (see run_item).
 int64_t scratch_floats(int D, int64_t ld, int bn, int cw) {
-  return 2 * D * ld + 2 * bn * D + bn * cw + 4 * ld;
+  return 2 * ld + 2 * D * ld + 2 * bn * D + bn * cw + 3 * ld;
 }
 
 struct Kernel {

@@ -188,19 +188,19 @@ template <class T>
 void run_item(const AttnItemView& w, float* scratch) {
   const int D = w.D, R_ = w.rows;
   const int64_t ld = w.ld;
-  float* qt = scratch;
+  int64_t* nvis = reinterpret_cast<int64_t*>(scratch);  // keys visible to each row
+  float* qt = scratch + 2 * ld;
   float* ot = qt + D * ld;
   float* kf = ot + D * ld;
   float* vf = kf + BN * D;
   float* st = vf + BN * D;
   float* m_run = st + BN * CW;
   float* l_run = m_run + ld;
-  float* nvis = l_run + ld;  // keys visible to each row, as float
-  float* lim = nvis + ld;
+  float* lim = l_run + ld;
 
   const int Rl = (R_ + L - 1) / L * L;  // lanes touched
   for (int r = 0; r < Rl; ++r) {
-    nvis[r] = static_cast<float>(w.visible(std::min(r, R_ - 1)));
+    nvis[r] = w.visible(std::min(r, R_ - 1));
     m_run[r] = -INFINITY;
     l_run[r] = 0.f;
   }
@@ -215,7 +215,7 @@ void run_item(const AttnItemView& w, float* scratch) {
   }
 
   // Rows are query-major, so the last row sees the most keys.
-  const int64_t keys = static_cast<int64_t>(nvis[R_ - 1]);
+  const int64_t keys = nvis[R_ - 1];
   for (int64_t j0 = 0; j0 < keys; j0 += BN) {
     const int nb = static_cast<int>(std::min<int64_t>(BN, keys - j0));
     const int ahead = static_cast<int>(std::clamp<int64_t>(keys - j0 - nb, 0, nb));
@@ -224,12 +224,13 @@ void run_item(const AttnItemView& w, float* scratch) {
     for (int c0 = 0; c0 < Rl; c0 += CW) {
       const int lanes = std::min(CW, Rl - c0);
       const int last = std::min(c0 + lanes, R_) - 1;
-      const int64_t see_last = static_cast<int64_t>(nvis[last]) - j0;
+      const int64_t see_last = nvis[last] - j0;
       if (see_last <= 0) continue;  // the whole chunk is above the diagonal here
       const int nbc = static_cast<int>(std::min<int64_t>(nb, see_last));
-      const bool masked = static_cast<int64_t>(nvis[c0]) - j0 < nbc;
+      const bool masked = nvis[c0] - j0 < nbc;
       if (masked)
-        for (int r = c0; r < c0 + lanes; ++r) lim[r] = nvis[r] - static_cast<float>(j0);
+        for (int r = c0; r < c0 + lanes; ++r)  // small integers: exact as floats
+          lim[r] = static_cast<float>(std::clamp<int64_t>(nvis[r] - j0, 0, BN));
       if (lanes > L)
         chunk_step<2>(w, nbc, masked, lim + c0, kf, vf, st, qt + c0, ot + c0, m_run + c0,
                       l_run + c0, j0, c0);
