@@ -176,3 +176,144 @@ def test_decode_rejects_unsupported():
         run_decode(q[:, :, :3], k, v, lens, True, 0.1, 0)
     with pytest.raises(ValueError, match="num_splits"):
         run_decode(q, k, v, lens, True, 0.1, -1)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def fwd64(q, k, v, bias, cu_q, cu_k, seqused, causal, top_left, scale):
+    """float64 (out, lse) in the op's layout, one sequence at a time."""
+    packed = cu_q is not None
+    if packed:
+        B = cu_q.numel() - 1
+        total_q, Hq = q.shape[0], q.shape[1]
+        out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+        lse = torch.full((Hq, total_q), -INF, dtype=torch.float64, device=q.device)
+    else:
+        B, Sq_all, Hq = q.shape[0], q.shape[1], q.shape[2]
+        out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+        lse = torch.full((B, Hq, Sq_all), -INF, dtype=torch.float64, device=q.device)
+    for b in range(B):
+        if packed:
+            q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+            qb, kb, vb = q[q0:q1], k[k0:k1], v[k0:k1]
+        else:
+            qb, kb, vb = q[b], k[b], v[b]
+        Sq_b, Sk_b = qb.shape[0], kb.shape[0]
+        if seqused is not None:
+            Sk_b = min(Sk_b, int(seqused[b]))
+        kb, vb = kb[:Sk_b], vb[:Sk_b]
+        i = torch.arange(Sq_b, device=q.device)[:, None]
+        j = torch.arange(Sk_b, device=q.device)[None, :]
+        allowed = torch.ones(Sq_b, Sk_b, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed = j <= i + (0 if top_left else Sk_b - Sq_b)
+        bb = None
+        if bias is not None:
+            bb = bias.expand(B, Hq, Sq_b, bias.shape[-1])[b, :, :, :Sk_b]
+        o, l = core64(qb, kb, vb, scale, allowed, bb)
+        if packed:
+            out[q0:q1], lse[:, q0:q1] = o, l
+        else:
+            out[b], lse[b] = o, l
+    return out, lse
+
+
+def run_fwd(q, k, v, bias=None, cu_q=None, cu_k=None, seqused=None, max_q=0, max_k=0,
+            causal=False, top_left=False, scale=0.125):
+    return torch.ops.lmkern.attention_fwd(q, k, v, bias, cu_q, cu_k, seqused, max_q, max_k,
+                                          causal, top_left, scale)
+
+
+CAUSAL = [(False, False), (True, False), (True, True)]  # (causal, causal_top_left)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128, 160, 192, 256])
+@pytest.mark.parametrize("Sq, Sk", [(1, 1), (77, 200), (200, 77), (128, 128), (5, 300)])
+@pytest.mark.parametrize("causal, top_left", CAUSAL)
+def test_fwd_dense_matches_reference(dtype, D, Sq, Sk, causal, top_left):
+    B, Hq, Hkv = 2, 4, 2
+    q = torch.randn(B, Sq, Hq, D, device="cuda").to(dtype)
+    k = torch.randn(B, Sk, Hkv, D, device="cuda").to(dtype)
+    v = torch.randn(B, Sk, Hkv, D, device="cuda").to(dtype)
+    scale = 1 / math.sqrt(D)
+    out, lse = run_fwd(q, k, v, causal=causal, top_left=top_left, scale=scale)
+    assert out.shape == q.shape and lse.shape == (B, Hq, Sq)
+    out64, lse64 = fwd64(q, k, v, None, None, None, None, causal, top_left, scale)
+    assert_attention_close(out, lse, out64, lse64, dtype, f"fwd {dtype} D={D} {Sq}x{Sk} causal={causal}/{top_left}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal, top_left", CAUSAL)
+def test_fwd_bias_and_seqused(dtype, causal, top_left):
+    B, Sq, Sk, Hq, Hkv, D = 3, 70, 150, 6, 1, 64
+    q = torch.randn(B, Sq, Hq, D, device="cuda").to(dtype)
+    k = torch.randn(B, Sk, Hkv, D, device="cuda").to(dtype)
+    v = torch.randn(B, Sk, Hkv, D, device="cuda").to(dtype)
+    full = torch.randn(B, Hq, Sq, Sk, device="cuda")
+    full[:, :, :, 5:9] = -INF
+    full[1, 2, 3, :] = -INF  # one fully masked row
+    row_bias = torch.randn(1, 1, Sq, Sk, device="cuda").expand(B, Hq, Sq, Sk)  # 0 strides
+    col_bias = torch.randn(Sk, Sq, device="cuda").t()[None, None]  # (1, 1, Sq, Sk), transposed
+    seqused = torch.tensor([150, 40, 0], dtype=torch.int32, device="cuda")
+    for bias in (full, row_bias, col_bias, None):
+        for used in (None, seqused):
+            out, lse = run_fwd(q, k, v, bias, None, None, used, causal=causal, top_left=top_left)
+            out64, lse64 = fwd64(q, k, v, bias, None, None, used, causal, top_left, 0.125)
+            assert_attention_close(out, lse, out64, lse64, dtype,
+                                   f"bias {None if bias is None else bias.stride()} seqused={used is not None}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("causal, top_left", CAUSAL)
+def test_fwd_varlen_matches_reference(dtype, D, causal, top_left):
+    Hq, Hkv = 4, 1
+    lq = [17, 0, 130, 1, 64]
+    lk = [17, 5, 200, 0, 33]
+    cu_q = torch.tensor([0, *itertools.accumulate(lq)], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, *itertools.accumulate(lk)], dtype=torch.int32, device="cuda")
+    extra = 3  # packed rows past cu_seqlens_q[-1] belong to no sequence: zeros, lse -inf
+    q = torch.randn(sum(lq) + extra, Hq, D, device="cuda").to(dtype)
+    k = torch.randn(sum(lk), Hkv, D, device="cuda").to(dtype)
+    v = torch.randn(sum(lk), Hkv, D, device="cuda").to(dtype)
+    for max_q in (max(lq), 1):  # a too-small max_seqlen_q hint costs time, not results
+        out, lse = run_fwd(q, k, v, None, cu_q, cu_k, None, max_q, max(lk), causal, top_left, 0.1)
+        assert out.shape == q.shape and lse.shape == (Hq, q.shape[0])
+        out64, lse64 = fwd64(q, k, v, None, cu_q, cu_k, None, causal, top_left, 0.1)
+        assert_attention_close(out, lse, out64, lse64, dtype, f"varlen D={D} causal={causal}/{top_left}")
+    used = torch.tensor([3, 5, 150, 0, 40], dtype=torch.int32, device="cuda")
+    out, lse = run_fwd(q, k, v, None, cu_q, cu_k, used, max(lq), max(lk), causal, top_left, 0.1)
+    out64, lse64 = fwd64(q, k, v, None, cu_q, cu_k, used, causal, top_left, 0.1)
+    assert_attention_close(out, lse, out64, lse64, dtype, "varlen seqused_k")
+
+
+def test_fwd_strided_inputs():
+    B, S, H, D = 2, 96, 4, 128
+    qkv = torch.randn(B, S, 3, H, D, device="cuda", dtype=torch.float16)
+    q, k, v = qkv.unbind(2)  # interleaved q/k/v
+    out, lse = run_fwd(q, k, v, causal=True)
+    out64, lse64 = fwd64(q, k, v, None, None, None, None, True, False, 0.125)
+    assert_attention_close(out, lse, out64, lse64, torch.float16, "packed qkv views")
+    qm = torch.randn(B * S * H * D + 1, device="cuda", dtype=torch.float16)[1:].view(B, S, H, D)
+    out, lse = run_fwd(qm, k, v)
+    out64, lse64 = fwd64(qm, k, v, None, None, None, None, False, False, 0.125)
+    assert_attention_close(out, lse, out64, lse64, torch.float16, "misaligned q")
+
+
+def test_fwd_rejects_unsupported():
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(TypeError, match="float16 and bfloat16"):
+        run_fwd(q.float(), q.float(), q.float())
+    with pytest.raises(ValueError, match="head_dim"):
+        run_fwd(q[..., :48], q[..., :48], q[..., :48])
+    with pytest.raises(ValueError, match="head_dim_v == head_dim"):
+        run_fwd(q, q, q[..., :32])
+    packed = q[0]
+    cu = torch.tensor([0, 8], dtype=torch.int32, device="cuda")
+    bias = torch.zeros(1, 2, 8, 8, device="cuda")
+    with pytest.raises(ValueError, match="bias with packed"):
+        run_fwd(packed, packed, packed, bias, cu, cu, None, 8, 8)
+    with pytest.raises(TypeError, match="cu_seqlens_q must be int32"):
+        run_fwd(packed, packed, packed, None, cu.long(), cu, None, 8, 8)

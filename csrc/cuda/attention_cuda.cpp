@@ -1,8 +1,8 @@
-// CUDA implementation of lmkern::attention_decode (attention_fwd to come): the argument
+// CUDA implementations of lmkern::attention_fwd and lmkern::attention_decode: the argument
 // checks, the output and scratch allocation, then the framework-free launchers
 // (csrc/cuda/attention_kernels.cu) on the current stream of q's device. What the kernels accept
 // is listed in lmkern/attention_cuda.h; everything else is rejected here with an error naming the
-// argument. No host synchronization: device values (cache_seqlens) are
+// argument. No host synchronization: device values (cache_seqlens, cu_seqlens, seqused_k) are
 // only read by the kernels, which clamp them to the tensors' extents.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -162,9 +162,152 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_op(const at::Tensor& q,
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_fwd_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, bool causal_top_left,
+    double scale) {
+  constexpr const char* op = "attention_fwd";
+  (void)max_seqlen_k;  // the kernel walks each sequence's keys; no sizing needed
+  check_device(op, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "lmkern.",
+                   op, ": the CUDA kernel supports float16 and bfloat16 q, k, v, got ",
+                   q.scalar_type());
+  check_like_q(op, "k", k, q);
+  check_like_q(op, "v", v, q);
+  const bool packed = cu_seqlens_q.has_value();
+  TORCH_CHECK_VALUE(packed == cu_seqlens_k.has_value(), "lmkern.", op,
+                    ": cu_seqlens_q and cu_seqlens_k must be given together");
+  const int64_t nd = packed ? 3 : 4;
+  TORCH_CHECK_VALUE(q.dim() == nd, "lmkern.", op, ": q must be ",
+                    packed ? "3-D (total_q, heads, head_dim) with cu_seqlens"
+                           : "4-D (batch, seqlen_q, heads, head_dim)",
+                    ", got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == nd, "lmkern.", op, ": k must be ",
+                    packed ? "3-D (total_k, kv_heads, head_dim) with cu_seqlens"
+                           : "4-D (batch, seqlen_k, kv_heads, head_dim)",
+                    ", got shape ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "lmkern.", op, ": v must have k's shape ",
+                    k.sizes(), " (the CUDA kernel needs head_dim_v == head_dim), got ",
+                    v.sizes());
+  const int64_t D = q.size(nd - 1), Hq = q.size(nd - 2), Hkv = k.size(nd - 2);
+  TORCH_CHECK_VALUE(k.size(nd - 1) == D, "lmkern.", op, ": k has head_dim ", k.size(nd - 1),
+                    " but q has ", D);
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "lmkern.", op,
+                    ": the number of query heads (", Hq,
+                    ") must be a multiple of the number of key/value heads (", Hkv, ")");
+  TORCH_CHECK_VALUE(attention_fwd_cuda_head_dim_ok(D), "lmkern.", op,
+                    ": the CUDA kernel supports head_dim 32, 64, 80, 96, 128, 160, 192 or 256, "
+                    "got ", D);
+  if (packed) {
+    TORCH_CHECK_VALUE(cu_seqlens_q->dim() == 1 && cu_seqlens_q->size(0) >= 1, "lmkern.", op,
+                      ": cu_seqlens_q must have shape (batch + 1,), got ", cu_seqlens_q->sizes());
+  }
+  const int64_t B = packed ? cu_seqlens_q->size(0) - 1 : q.size(0);
+  const int64_t Sq = packed ? q.size(0) : q.size(1);  // packed: total_q
+  const int64_t Sk = packed ? k.size(0) : k.size(1);  // packed: total_k
+  if (!packed) {
+    TORCH_CHECK_VALUE(k.size(0) == B, "lmkern.", op, ": k has batch size ", k.size(0),
+                      " but q has ", B);
+  }
+  TORCH_CHECK_VALUE(B <= 65535 && Hq <= 65535, "lmkern.", op,
+                    ": the CUDA kernel supports at most 65535 sequences and 65535 query heads, "
+                    "got ", B, " and ", Hq);
+  TORCH_CHECK_VALUE(Sq <= std::numeric_limits<int32_t>::max() &&
+                        Sk <= std::numeric_limits<int32_t>::max(),
+                    "lmkern.", op,
+                    ": the CUDA kernel supports at most 2^31 - 1 query and key rows");
+
+  at::Tensor cu_q, cu_k, used;
+  if (packed) {
+    cu_q = int32_vector(op, "cu_seqlens_q", *cu_seqlens_q, B + 1, q);
+    cu_k = int32_vector(op, "cu_seqlens_k", *cu_seqlens_k, B + 1, q);
+  }
+  if (seqused_k.has_value()) used = int32_vector(op, "seqused_k", *seqused_k, B, q);
+
+  at::Tensor bias_t;
+  int64_t bias_strides[4] = {0, 0, 0, 0};
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(!packed, "lmkern.", op,
+                      ": bias with packed (cu_seqlens) inputs is not supported by the CUDA kernel");
+    check_same_device(op, "bias", *bias, q);
+    TORCH_CHECK_TYPE(bias->scalar_type() == at::kFloat, "lmkern.", op,
+                     ": bias must be float32, got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 4, "lmkern.", op,
+                      ": bias must be a 4-D view of (batch, heads, seqlen_q, seqlen_k), got shape ",
+                      bias->sizes());
+    const int64_t target[4] = {B, Hq, Sq, Sk};
+    for (int64_t d = 0; d < 4; ++d) {
+      TORCH_CHECK_VALUE(bias->size(d) == target[d] || bias->size(d) == 1, "lmkern.", op,
+                        ": bias of shape ", bias->sizes(), " does not broadcast to (", B, ", ",
+                        Hq, ", ", Sq, ", ", Sk, ")");
+      bias_strides[d] = bias->size(d) == 1 ? 0 : bias->stride(d);
+    }
+    bias_t = *bias;
+  }
+
+  const at::Tensor qv = vector_loadable(q);
+  const at::Tensor kv = vector_loadable(k);
+  const at::Tensor vv = vector_loadable(v);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = packed ? at::empty({Hq, Sq}, q.options().dtype(at::kFloat))
+                          : at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  if (B == 0) {  // packed rows without any sequence
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+
+  AttentionFwdParams p;
+  const int64_t o = packed ? 1 : 0;  // packed tensors have no batch dim
+  p.q = qv.data_ptr();
+  p.q_batch_stride = packed ? 0 : stride_of(qv, 0);
+  p.q_row_stride = stride_of(qv, 1 - o);
+  p.q_head_stride = stride_of(qv, 2 - o);
+  p.k = kv.numel() > 0 ? kv.data_ptr() : nullptr;
+  p.k_batch_stride = packed ? 0 : stride_of(kv, 0);
+  p.k_row_stride = stride_of(kv, 1 - o);
+  p.k_head_stride = stride_of(kv, 2 - o);
+  p.v = vv.numel() > 0 ? vv.data_ptr() : nullptr;
+  p.v_batch_stride = packed ? 0 : stride_of(vv, 0);
+  p.v_row_stride = stride_of(vv, 1 - o);
+  p.v_head_stride = stride_of(vv, 2 - o);
+  if (bias_t.defined()) {
+    p.bias = bias_t.data_ptr<float>();
+    p.bias_batch_stride = bias_strides[0];
+    p.bias_head_stride = bias_strides[1];
+    p.bias_row_stride = bias_strides[2];
+    p.bias_col_stride = bias_strides[3];
+  }
+  if (packed) {
+    p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+    p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
+  }
+  if (used.defined()) p.seqused_k = used.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.B = B;
+  p.Hq = Hq;
+  p.Hkv = Hkv;
+  p.D = D;
+  p.Sq = Sq;
+  p.Sk = Sk;
+  p.max_seqlen_q = max_seqlen_q;
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.causal_top_left = causal_top_left;
+  p.dtype = kernel_dtype(op, "q", q.scalar_type());
+  check_cuda(attention_fwd_cuda(p, num_sms(), at::cuda::getCurrentCUDAStream()), op);
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace lmkern
 
 TORCH_LIBRARY_IMPL(lmkern, CUDA, m) {
+  m.impl("attention_fwd", &lmkern::attention_fwd_op);
   m.impl("attention_decode", &lmkern::attention_decode_op);
 }

@@ -1,5 +1,5 @@
-// Host side of the attention CUDA kernels (csrc/include/lmkern/attention_decode.cuh):
-// argument checks, dtype and head-dim dispatch, the number of KV splits of
+// Host side of the attention CUDA kernels (csrc/include/lmkern/attention_decode.cuh,
+// attention_prefill.cuh): argument checks, dtype and head-dim dispatch, the number of KV splits of
 // the decode kernel and its workspace layout, and the launches. Framework-free (no torch): CI
 // compiles this file alone with nvcc for sm_80 and sm_90a.
 #include <algorithm>
@@ -8,6 +8,7 @@
 
 #include "lmkern/attention_cuda.h"
 #include "lmkern/attention_decode.cuh"
+#include "lmkern/attention_prefill.cuh"
 
 namespace lmkern {
 namespace {
@@ -177,6 +178,69 @@ cudaError_t launch_decode(const AttentionDecodeParams& p, const DecodePlan& plan
   return cudaSuccess;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Forward (prefill)
+
+bool fwd_params_ok(const AttentionFwdParams& p) {
+  if (p.dtype == DType::Float32) return false;
+  if (p.B < 0 || p.Hq < 0 || p.Hkv <= 0 || p.Sq < 0 || p.Sk < 0) return false;
+  if (p.Sq > INT32_MAX || p.Sk > INT32_MAX) return false;  // the kernel counts key tiles in int
+  if (p.Hq % p.Hkv != 0 || !attention_fwd_cuda_head_dim_ok(p.D)) return false;
+  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return false;
+  if (p.cu_seqlens_q != nullptr && p.bias != nullptr) return false;
+  if (p.B > 65535 || p.Hq > 65535) return false;
+  const int64_t strides[] = {p.q_batch_stride, p.q_row_stride, p.q_head_stride,
+                             p.k_batch_stride, p.k_row_stride, p.k_head_stride,
+                             p.v_batch_stride, p.v_row_stride, p.v_head_stride};
+  for (int64_t s : strides) {
+    if (s % 8 != 0) return false;
+  }
+  if (p.Sq == 0 || p.B == 0 || p.Hq == 0) return true;
+  if (!aligned16(p.q) || p.out == nullptr || p.lse == nullptr) return false;
+  if (p.Sk > 0 && (!aligned16(p.k) || !aligned16(p.v))) return false;
+  return true;
+}
+
+template <typename T, int D>
+cudaError_t launch_fwd_d(const AttentionFwdParams& p, int num_sms, cudaStream_t stream) {
+  using Cfg = PrefillConfig<D>;
+  const auto kernel = attention_prefill_kernel<T, D>;
+  const size_t smem = Cfg::kSmemBytes;
+  if (smem > 48 * 1024) {
+    LMKERN_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(smem)));
+  }
+  const bool packed = p.cu_seqlens_q != nullptr;
+  const int64_t rows = packed ? std::max<int64_t>(p.max_seqlen_q, 1) : p.Sq;
+  // Packed: every block strides over its sequence's row blocks, so a too-small max_seqlen_q
+  // costs time, not results; cap the grid for a too-large one.
+  int64_t m_blocks = ceil_div(rows, Cfg::kBlockM);
+  if (packed) {
+    m_blocks = std::min<int64_t>(m_blocks, ceil_div(p.Sq, Cfg::kBlockM));
+    m_blocks = std::max<int64_t>(m_blocks, 1);
+  }
+  (void)num_sms;
+  if (m_blocks > INT32_MAX) return cudaErrorInvalidValue;
+  const dim3 grid(unsigned(m_blocks), unsigned(p.Hq), unsigned(p.B));
+  kernel<<<grid, kPrefillThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_fwd(const AttentionFwdParams& p, int num_sms, cudaStream_t stream) {
+  switch (p.D) {
+    case 32: return launch_fwd_d<T, 32>(p, num_sms, stream);
+    case 64: return launch_fwd_d<T, 64>(p, num_sms, stream);
+    case 80: return launch_fwd_d<T, 80>(p, num_sms, stream);
+    case 96: return launch_fwd_d<T, 96>(p, num_sms, stream);
+    case 128: return launch_fwd_d<T, 128>(p, num_sms, stream);
+    case 160: return launch_fwd_d<T, 160>(p, num_sms, stream);
+    case 192: return launch_fwd_d<T, 192>(p, num_sms, stream);
+    case 256: return launch_fwd_d<T, 256>(p, num_sms, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 int attention_decode_cuda_num_splits(const AttentionDecodeParams& p, int num_sms) {
@@ -206,6 +270,13 @@ cudaError_t attention_decode_cuda(const AttentionDecodeParams& p, void* workspac
     using T = typename decltype(tag)::type;
     return launch_decode<T>(p, plan, workspace, stream);
   });
+}
+
+cudaError_t attention_fwd_cuda(const AttentionFwdParams& p, int num_sms, cudaStream_t stream) {
+  if (num_sms <= 0 || !fwd_params_ok(p)) return cudaErrorInvalidValue;
+  if (p.Sq == 0 || p.B == 0 || p.Hq == 0) return cudaSuccess;
+  if (p.dtype == DType::Float16) return launch_fwd<__half>(p, num_sms, stream);
+  return launch_fwd<__nv_bfloat16>(p, num_sms, stream);
 }
 
 }  // namespace lmkern

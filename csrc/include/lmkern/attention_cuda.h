@@ -42,4 +42,17 @@ cudaError_t attention_decode_cuda_workspace_bytes(const AttentionDecodeParams& p
 cudaError_t attention_decode_cuda(const AttentionDecodeParams& p, void* workspace,
                                   size_t workspace_bytes, int num_sms, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------
+// Forward (FlashAttention-2 style, mma.sync m16n8k16 with fp32 accumulation). Limits: dtype fp16
+// or bf16; D in {32, 64, 80, 96, 128, 160, 192, 256}; Hq a multiple of Hkv; q, k, v 16-byte
+// aligned with every stride a multiple of 8 elements; bias only with dense inputs;
+// B, Hq <= 65535.
+
+inline bool attention_fwd_cuda_head_dim_ok(int64_t D) {
+  return D == 32 || D == 64 || D == 80 || D == 96 || D == 128 || D == 160 || D == 192 ||
+         D == 256;
+}
+
+cudaError_t attention_fwd_cuda(const AttentionFwdParams& p, int num_sms, cudaStream_t stream);
+
 }  // namespace lmkern
