@@ -8,6 +8,9 @@ same reference run in the input's precision.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -255,3 +258,31 @@ def test_bad_inputs():
     for match, call in cases:
         with pytest.raises(RuntimeError, match=match):
             call()
+
+
+PORTABLE_SCRIPT = """
+import sys, torch, lmkern
+from lmkern import _C
+assert _C.cpu_isa() == "portable", _C.cpu_isa()
+cases = torch.load(sys.argv[1])
+outs = [torch.ops.lmkern.attention_fwd(*c) for c in cases]
+torch.save(outs, sys.argv[2])
+"""
+
+
+def test_portable_isa(tmp_path):
+    """The portable (non-x86) kernels, selected with LMKERN_CPU_ISA in a fresh process."""
+    cases, refs = [], []
+    for dtype, D, causal in [(torch.float32, 80, True), (torch.bfloat16, 3, False), (torch.float16, 64, True)]:
+        q, k, v = bhsd(2, 37, 4, D, dtype), bhsd(2, 41, 2, D, dtype), bhsd(2, 41, 2, D, dtype)
+        used = torch.tensor([41, 20], dtype=torch.int32)
+        cases.append((q, k, v, None, None, None, used, 0, 0, causal, False, 0.3))
+        kw = dict(used=used, causal=causal, scale=0.3)
+        refs.append((dense_reference(q, k, v, **kw), dense_reference(q, k, v, lowp=True, **kw),
+                     dense_reference(q.float(), k.float(), v.float(), lowp=True, **kw)[1]))
+    torch.save(cases, tmp_path / "in.pt")
+    env = dict(os.environ, LMKERN_CPU_ISA="portable")
+    subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True)
+    for (out, lse), (ref, ref_lp, ref32) in zip(torch.load(tmp_path / "out.pt"), refs):
+        check(out, lse, ref, ref_lp, ref32, f"portable {out.dtype}")
