@@ -12,3 +12,4 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
 from . import norm  # noqa: E402,F401  (a broken kernel module removes the Triton backend, with its reason)
 from . import sampling  # noqa: E402,F401
+from . import attention  # noqa: E402,F401

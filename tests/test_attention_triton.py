@@ -1,0 +1,365 @@
+"""The Triton attention launchers (lmkern/kernels/attention.py) called directly, against the float64
+reference (lmkern/reference/attention.py): forward out and lse, the backward's dq/dk/dv through
+autograd of the reference, and split-KV decoding.
+
+On this suite's interpreter (TRITON_INTERPRET=1, CPU tensors) the kernels run with 16 x 16 tiles,
+so sequences of a few dozen rows already cross several query and key blocks, causal diagonals
+and partial tail blocks. Accuracy: float32 within a few ulp of the float64 reference; float16
+within twice PyTorch's own float16 computation error (tests/helpers.py assert_close_2x)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_close_2x
+
+from lmkern import _ext
+from lmkern.reference import attention as reference
+
+pytestmark = [
+    pytest.mark.skipif(not _ext.HAS_TRITON, reason=f"no Triton: {_ext.TRITON_ERROR}"),
+    pytest.mark.skipif(
+        _ext.HAS_TRITON and not _ext.TRITON_INTERPRET and not torch.cuda.is_available(),
+        reason="Triton kernels compiled for a GPU, and there is none (set TRITON_INTERPRET=1 to run them on CPU)",
+    ),
+]
+
+if _ext.HAS_TRITON:
+    from lmkern.kernels import attention as kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() and not _ext.TRITON_INTERPRET else "cpu"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _randn(*shape, dtype):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def _allowed_dense(B, Sq, Sk, causal, top_left, seqused=None):
+    """(B, 1, Sq, Sk) bool: key j visible to query i of batch b."""
+    i = torch.arange(Sq, device=DEVICE).view(1, 1, Sq, 1)
+    j = torch.arange(Sk, device=DEVICE).view(1, 1, 1, Sk)
+    sk_b = torch.full((B, 1, 1, 1), Sk, device=DEVICE) if seqused is None else seqused.view(B, 1, 1, 1).long()
+    allowed = j < sk_b
+    if causal:
+        allowed = allowed & (j <= i + (0 if top_left else sk_b - Sq))
+    return allowed
+
+
+def reference_dense(q, k, v, bias, allowed, scale, ct, upcast=True):
+    """attention_core on (B, S, H, D) inputs converted to ct, GQA expanded; (out (B, Sq, Hq, D), lse)."""
+    qt, kt, vt = (x.to(ct).transpose(1, 2) for x in (q, k, v))
+    kt, vt = reference._expand_kv_heads(kt, vt, qt.shape[1], 1)
+    out, lse = reference.attention_core(qt, kt, vt, scale, allowed, None if bias is None else bias.to(ct),
+                                        upcast=upcast)
+    return out.transpose(1, 2), lse
+
+
+def run_fwd(q, k, v, bias=None, cu_q=None, cu_k=None, seqused=None, max_q=0, max_k=0, causal=False,
+            top_left=False, scale=None):
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEVICE)  # unwritten elements show up
+    if cu_q is None:
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=DEVICE)
+        max_q, max_k = q.shape[1], k.shape[1]
+    else:
+        lse = torch.full((q.shape[1], q.shape[0]), float("nan"), device=DEVICE)
+    kernels.attention_fwd(q, k, v, bias, cu_q, cu_k, seqused, max_q, max_k, causal, top_left, scale, out, lse)
+    return out, lse
+
+
+def run_bwd(do, q, k, v, out, lse, bias=None, cu_q=None, cu_k=None, seqused=None, max_q=0, max_k=0,
+            causal=False, top_left=False, scale=None):
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if cu_q is None:
+        max_q, max_k = q.shape[1], k.shape[1]
+    grads = [torch.full(x.shape, float("nan"), dtype=x.dtype, device=DEVICE) for x in (q, k, v)]
+    kernels.attention_bwd(do, q, k, v, out, lse, bias, cu_q, cu_k, seqused, max_q, max_k, causal, top_left,
+                          scale, *grads)
+    return grads
+
+
+def check_lse(lse, ref_lse, what):
+    ref_lse = ref_lse.to(torch.float64)
+    dead = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse) & (lse < 0), dead), f"{what}: lse -inf exactly on the fully masked rows"
+    torch.testing.assert_close(lse.double()[~dead], ref_lse[~dead], atol=2e-5, rtol=2e-6, msg=what)
+
+
+def check_dense(q, k, v, causal, top_left, bias=None, seqused=None, backward=True, scale=None, out_terms=0.0):
+    """Forward (and backward) of the kernels against the float64 reference and torch's own
+    computation in q's dtype (out_terms: assert_close_2x's term_scale for out). Returns (out,
+    lse, grads) of the kernels."""
+    B, Sq, Hq, D = q.shape
+    Sk = k.shape[1]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    out, lse = run_fwd(q, k, v, bias, seqused=seqused, causal=causal, top_left=top_left, scale=scale)
+    allowed = _allowed_dense(B, Sq, Sk, causal, top_left, seqused)
+    if seqused is not None:
+        # The reference must not touch what the kernel never reads (NaN planted there).
+        keep = torch.arange(Sk, device=DEVICE).view(1, Sk, 1, 1) < seqused.view(B, 1, 1, 1)
+        k, v = (torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=DEVICE)) for x in (k, v))
+    inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = reference_dense(*inputs64, bias, allowed, scale, torch.float64)
+    lowp_inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    lowp_out, _ = reference_dense(*lowp_inputs, bias, allowed, scale, q.dtype, upcast=False)
+    assert_close_2x(out, ref_out, lowp_out, "out", term_scale=out_terms)
+    check_lse(lse, ref_lse, "lse")
+    grads = None
+    if backward:
+        do = _randn(*out.shape, dtype=q.dtype)
+        grads = run_bwd(do, q, k, v, out, lse, bias, seqused=seqused, causal=causal, top_left=top_left, scale=scale)
+        ref_grads = torch.autograd.grad(ref_out, inputs64, do.double())
+        lowp_grads = torch.autograd.grad(lowp_out, lowp_inputs, do)
+        check_grads(grads, ref_grads, lowp_grads, do, ref_out, inputs64, scale)
+    return out, lse, grads
+
+
+def check_grads(grads, ref_grads, lowp_grads, do, ref_out, inputs64, scale):
+    """dq/dk/dv by the 2x rule. dq and dk are sums of P * (dP - delta) terms that cancel (exactly,
+    in torch, when a row sees one key): their term scale is scale * |delta| * |k| (|q|), with
+    delta = rowsum(dO * O)."""
+    q64, k64, _ = inputs64
+    delta = (do.double() * ref_out.detach()).sum(-1).abs().max().item() if do.numel() else 0.0
+    terms = (scale * delta * (k64.detach().abs().max().item() if k64.numel() else 0.0),
+             scale * delta * (q64.detach().abs().max().item() if q64.numel() else 0.0), 0.0)
+    for name, g, r, lo, t in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads, terms):
+        assert_close_2x(g, r, lo, name, term_scale=t)
+
+
+# ----------------------------------------------------------------------------- dense
+
+
+# (B, Sq, Sk, Hq, Hkv, D, causal, top_left, dtype)
+DENSE = {
+    "causal_bottom_right_sq<sk_gqa": (2, 37, 53, 4, 2, 64, True, False, torch.float32),
+    "causal_top_left_sq>sk_mqa": (1, 45, 20, 2, 1, 32, True, True, torch.float32),
+    "causal_bottom_right_sq>sk_d80": (1, 40, 20, 2, 2, 80, True, False, torch.float32),
+    "causal_top_left_sq<sk_d128": (1, 30, 50, 2, 1, 128, True, True, torch.float32),
+    "full_gqa_fp16": (2, 33, 47, 4, 2, 64, False, False, torch.float16),
+    "causal_bottom_right_fp16_d80": (1, 35, 35, 3, 1, 80, True, False, torch.float16),
+    "causal_top_left_fp16_d128": (1, 26, 40, 2, 2, 128, True, True, torch.float16),
+    "one_query_97_keys": (2, 1, 97, 2, 1, 64, True, False, torch.float32),
+    "97_queries_one_key": (1, 97, 1, 2, 2, 32, False, False, torch.float32),
+    "d256_fp16": (1, 20, 24, 2, 1, 256, True, False, torch.float16),
+    "d256_fp32": (1, 17, 18, 1, 1, 256, False, False, torch.float32),
+    "long_causal": (1, 120, 120, 2, 1, 32, True, False, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(DENSE))
+def test_dense_forward_backward(case):
+    B, Sq, Sk, Hq, Hkv, D, causal, top_left, dtype = DENSE[case]
+    q = _randn(B, Sq, Hq, D, dtype=dtype)
+    k = _randn(B, Sk, Hkv, D, dtype=dtype)
+    v = _randn(B, Sk, Hkv, D, dtype=dtype)
+    out, lse, (dq, dk, dv) = check_dense(q, k, v, causal, top_left)
+    if causal and not top_left and Sq > Sk:
+        # The first Sq - Sk rows see no key: zeros, lse -inf, zero gradient, no NaN.
+        dead = Sq - Sk
+        assert torch.equal(out[:, :dead], torch.zeros_like(out[:, :dead]))
+        assert torch.isneginf(lse[:, :, :dead]).all()
+        assert torch.equal(dq[:, :dead], torch.zeros_like(dq[:, :dead]))
+
+
+def test_longer_sequences_larger_tiles(monkeypatch):
+    """One launch crossing many blocks with tiles that differ between M and N (32 x 16): the
+    unmasked key range, the causal diagonal and the backward's skipped query blocks all shift."""
+    monkeypatch.setattr(kernels, "CPU_FWD_BLOCK", (32, 16))
+    monkeypatch.setattr(kernels, "CPU_BWD_BLOCK", (16, 32))
+    q = _randn(1, 130, 2, 32, dtype=torch.float32)
+    k = _randn(1, 150, 1, 32, dtype=torch.float32)
+    v = _randn(1, 150, 1, 32, dtype=torch.float32)
+    check_dense(q, k, v, causal=True, top_left=False)
+
+
+def test_scale_and_large_scores():
+    """Forward with a non-default scale and scores around +-60: the online max must rescale. fp32
+    rounding of such scores (the kernel folds log2(e) into them for exp2) moves the weights by
+    ~eps * |s|, so out's term scale is max|s| * max|v|."""
+    q = _randn(1, 33, 2, 32, dtype=torch.float32) * 4
+    k = _randn(1, 41, 2, 32, dtype=torch.float32) * 4
+    v = _randn(1, 41, 2, 32, dtype=torch.float32)
+    s_max = (torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()).abs().max() * 0.7).item()
+    check_dense(q, k, v, causal=True, top_left=True, scale=0.7, backward=False, out_terms=s_max * v.abs().max().item())
+
+
+def test_bias_broadcast_and_masked_rows():
+    """Bias as expanded views (stride 0 over batch and heads, and over queries), -inf entries,
+    and rows masked entirely by the bias (zeros, lse -inf, zero gradients)."""
+    B, Sq, Sk, Hq, Hkv, D = 2, 21, 35, 4, 2, 32
+    q = _randn(B, Sq, Hq, D, dtype=torch.float32)
+    k = _randn(B, Sk, Hkv, D, dtype=torch.float32)
+    v = _randn(B, Sk, Hkv, D, dtype=torch.float32)
+    base = torch.randn(1, 1, Sq, Sk, device=DEVICE)
+    base[..., ::3] = float("-inf")
+    base[..., 4, :] = float("-inf")  # a fully masked row
+    bias = base.expand(B, Hq, Sq, Sk)
+    out, lse, (dq, _, _) = check_dense(q, k, v, False, False, bias=bias)
+    assert torch.equal(out[:, 4], torch.zeros_like(out[:, 4])) and torch.isneginf(lse[:, :, 4]).all()
+    assert torch.equal(dq[:, 4], torch.zeros_like(dq[:, 4]))
+    # Per-key bias, broadcast over queries (stride 0 in the query dim), with causal masking on top.
+    keys = torch.randn(B, Hq, 1, Sk, device=DEVICE)
+    keys[0, 1, 0, -5:] = float("-inf")
+    check_dense(q, k, v, True, False, bias=keys.expand(B, Hq, Sq, Sk))
+
+
+def test_bias_fp16():
+    B, Sq, Sk, H, D = 1, 19, 30, 2, 64
+    q, k, v = (_randn(B, S, H, D, dtype=torch.float16) for S in (Sq, Sk, Sk))
+    bias = torch.randn(B, H, 1, 1, device=DEVICE).expand(B, H, Sq, Sk).clone()
+    bias[..., 7] = float("-inf")
+    check_dense(q, k, v, True, True, bias=bias)
+
+
+def test_seqused_k_never_reads_past_the_prefix():
+    B, Sq, Sk, Hq, Hkv, D = 3, 18, 45, 2, 1, 32
+    q = _randn(B, Sq, Hq, D, dtype=torch.float32)
+    k = _randn(B, Sk, Hkv, D, dtype=torch.float32)
+    v = _randn(B, Sk, Hkv, D, dtype=torch.float32)
+    seqused = torch.tensor([29, 0, 45], dtype=torch.int32, device=DEVICE)
+    for b, n in enumerate(seqused.tolist()):
+        k[b, n:] = float("nan")
+        v[b, n:] = float("nan")
+    for causal in (False, True):
+        out, lse, (dq, dk, dv) = check_dense(q, k, v, causal, False, seqused=seqused)
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
+        assert torch.equal(dk[0, 29:], torch.zeros_like(dk[0, 29:])) and torch.equal(dk[1], torch.zeros_like(dk[1]))
+        assert torch.equal(dv[0, 29:], torch.zeros_like(dv[0, 29:])) and torch.equal(dq[1], torch.zeros_like(dq[1]))
+
+
+def test_non_contiguous_inputs():
+    """q, k, v as slices of one packed qkv tensor, and a non-contiguous grad_out."""
+    B, S, H, D = 2, 29, 2, 32
+    qkv = _randn(B, S, 3, H, D + 8, dtype=torch.float32)[..., :D]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    assert not q.is_contiguous()
+    out, lse = run_fwd(q, k, v, causal=True)
+    allowed = _allowed_dense(B, S, S, True, False)
+    inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = reference_dense(*inputs64, None, allowed, D**-0.5, torch.float64)
+    lowp_out, _ = reference_dense(q, k, v, None, allowed, D**-0.5, torch.float32)
+    assert_close_2x(out, ref_out, lowp_out, "out")
+    check_lse(lse, ref_lse, "lse")
+    do = _randn(B, H, S, D, dtype=torch.float32).transpose(1, 2)
+    grads = run_bwd(do, q, k, v, out, lse, causal=True)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref_out, inputs64, do.double())):
+        torch.testing.assert_close(g.double(), r, atol=2e-6, rtol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------- varlen
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_varlen(causal, dtype):
+    """Packed sequences: an empty one, one with queries but no keys (zeros, lse -inf), and lengths
+    that cross blocks and are not multiples of them."""
+    lens_q = [13, 0, 5, 37, 20]
+    lens_k = [29, 0, 0, 30, 20]
+    Hq, Hkv, D = 4, 2, 64
+    cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
+    q = _randn(sum(lens_q), Hq, D, dtype=dtype)
+    k = _randn(sum(lens_k), Hkv, D, dtype=dtype)
+    v = _randn(sum(lens_k), Hkv, D, dtype=dtype)
+    max_q, max_k = max(lens_q), max(lens_k)
+    out, lse = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal)
+
+    def ref(inputs, upcast=True):
+        return reference.flash_attention(*inputs, causal=causal, return_lse=True, cu_seqlens_q=cu_q,
+                                         cu_seqlens_k=cu_k, upcast=upcast)
+
+    inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    lowp_inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = ref(inputs64)
+    lowp_out, _ = ref(lowp_inputs, upcast=False)
+    assert_close_2x(out, ref_out, lowp_out, "out")
+    check_lse(lse, ref_lse, "lse")
+    s2 = slice(cu_q[2].item(), cu_q[3].item())  # queries of the sequence without keys
+    assert torch.equal(out[s2], torch.zeros_like(out[s2])) and torch.isneginf(lse[:, s2]).all()
+
+    do = _randn(*q.shape, dtype=dtype)
+    grads = run_bwd(do, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal)
+    check_grads(grads, torch.autograd.grad(ref_out, inputs64, do.double()),
+                torch.autograd.grad(lowp_out, lowp_inputs, do), do, ref_out, inputs64, 1 / math.sqrt(D))
+
+
+def test_varlen_top_left_causal():
+    """causal_top_left in packed sequences, against a dense per-sequence reference."""
+    lens_q, lens_k = [20, 9], [11, 33]
+    H, D = 2, 32
+    cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
+    q = _randn(sum(lens_q), H, D, dtype=torch.float32)
+    k = _randn(sum(lens_k), H, D, dtype=torch.float32)
+    v = _randn(sum(lens_k), H, D, dtype=torch.float32)
+    out, lse = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max(lens_q), max_k=max(lens_k), causal=True,
+                       top_left=True)
+    do = _randn(*q.shape, dtype=torch.float32)
+    dq, dk, dv = run_bwd(do, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, max_q=max(lens_q), max_k=max(lens_k),
+                         causal=True, top_left=True)
+    for b in range(2):
+        sq, sk = slice(cu_q[b].item(), cu_q[b + 1].item()), slice(cu_k[b].item(), cu_k[b + 1].item())
+        inputs64 = [x[s].double().unsqueeze(0).requires_grad_() for x, s in ((q, sq), (k, sk), (v, sk))]
+        allowed = _allowed_dense(1, lens_q[b], lens_k[b], True, True)
+        ref_out, ref_lse = reference_dense(*inputs64, None, allowed, D**-0.5, torch.float64)
+        torch.testing.assert_close(out[sq].double(), ref_out[0], atol=1e-6, rtol=1e-5)
+        check_lse(lse[:, sq], ref_lse[0], f"lse of sequence {b}")
+        ref_grads = torch.autograd.grad(ref_out, inputs64, do[sq].double().unsqueeze(0))
+        for name, g, r in zip(("dq", "dk", "dv"), (dq[sq], dk[sk], dv[sk]), ref_grads):
+            torch.testing.assert_close(g.double(), r[0], atol=2e-6, rtol=1e-5, msg=f"{name} of sequence {b}")
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+# (B, Sq, Hq, Hkv, D, Smax, lengths, causal, num_splits, dtype)
+DECODE = {
+    "one_split_gqa": (3, 1, 4, 2, 64, 70, [0, 70, 33], True, 1, torch.float32),
+    "three_splits_sq4_mqa": (2, 4, 4, 1, 32, 50, [50, 3], True, 3, torch.float32),
+    "heuristic_splits_fp16": (2, 2, 6, 2, 80, 90, [61, 0], True, 0, torch.float16),
+    "non_causal_many_splits": (2, 3, 2, 2, 32, 40, [40, 17], False, 5, torch.float32),
+    "more_splits_than_blocks_fp16": (1, 1, 8, 2, 128, 20, [19], True, 4, torch.float16),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE))
+def test_decode(case):
+    B, Sq, Hq, Hkv, D, Smax, lengths, causal, num_splits, dtype = DECODE[case]
+    q = _randn(B, Sq, Hq, D, dtype=dtype)
+    k_cache = _randn(B, Smax, Hkv, D, dtype=dtype)
+    v_cache = _randn(B, Smax, Hkv, D, dtype=dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    for b, n in enumerate(lengths):  # never read
+        k_cache[b, n:] = float("nan")
+        v_cache[b, n:] = float("nan")
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    lse = torch.full((B, Hq, Sq), float("nan"), device=DEVICE)
+    kernels.attention_decode(q, k_cache, v_cache, seqlens, causal, D**-0.5, num_splits, out, lse)
+
+    keep = torch.arange(Smax, device=DEVICE).view(1, Smax, 1, 1) < seqlens.view(B, 1, 1, 1)
+    kc, vc = (torch.where(keep, x, torch.zeros((), dtype=dtype, device=DEVICE)) for x in (k_cache, v_cache))
+    allowed = _allowed_dense(B, Sq, Smax, causal, False, seqlens)
+    ref_out, ref_lse = reference_dense(q, kc, vc, None, allowed, D**-0.5, torch.float64)
+    lowp_out, _ = reference_dense(q, kc, vc, None, allowed, D**-0.5, dtype, upcast=False)
+    assert_close_2x(out, ref_out, lowp_out, "out")
+    check_lse(lse, ref_lse, "lse")
+    # The public reference agrees (its own masking of the cache).
+    torch.testing.assert_close(
+        ref_out, reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), seqlens, causal))
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert torch.equal(out[b], torch.zeros_like(out[b])) and torch.isneginf(lse[b]).all()
+
+
+def test_decode_heuristic_splits():
+    """num_splits = 0 picks at least one split and never more than the key blocks."""
+    q = torch.empty(2, 1, 8, 64)
+    for smax in (1, 16, 100, 4096):
+        n = kernels.decode_num_splits(q, torch.empty(2, smax, 2, 64), 16)
+        assert 1 <= n <= max(1, math.ceil(smax / 16))
