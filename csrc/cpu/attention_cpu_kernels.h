@@ -25,8 +25,11 @@ constexpr int L = Isa::L;
 typedef int32_t Ri __attribute__((vector_size(sizeof(R))));
 
 constexpr int BN = 64;     // keys per block
-constexpr int MR = 6;      // broadcast operands per micro-GEMM step (keys, or output dims)
 constexpr int CW = 2 * L;  // rows per chunk: two registers per micro-GEMM row
+// Broadcast operands (keys, or output dims) per micro-GEMM step for NV registers of rows:
+// 12 accumulators either way, enough independent FMA chains to cover the FMA latency.
+template <int NV>
+constexpr int kMR = NV == 1 ? 12 : 6;
 
 LMKERN_INLINE R vselect(Ri mask, R a, R b) { return mask ? a : b; }
 LMKERN_INLINE R vmax(R a, R b) { return vselect(a > b, a, b); }  // b when a is NaN
@@ -54,35 +57,37 @@ LMKERN_INLINE R vexp(R x) {
   return vselect(x < lo, Isa::zero(), r);
 }
 
-// Converts n rows of D elements (row stride ld_src) to contiguous fp32 rows of D, and asks for
-// the first `ahead` rows after them (the next block) to be fetched into the cache meanwhile:
-// rows far apart (a KV cache with many heads) each start on a new page, which the hardware
-// prefetchers do not cross, so without this a decode step waits on every row.
+// Asks for n rows of `bytes` bytes (row stride ld) to be fetched into the cache: rows far apart
+// (a KV cache with many heads) each start on a new page, which the hardware prefetchers do not
+// cross, so without this a decode step waits on every row.
 template <class T>
-LMKERN_INLINE void rows_to_fp32(const T* src, int64_t ld_src, int n, int ahead, int64_t D,
-                                float* dst) {
-  const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
+LMKERN_INLINE void prefetch_rows(const T* src, int64_t ld, int n, int64_t bytes) {
+  for (int j = 0; j < n; ++j, src += ld)
+    for (int64_t b = 0; b < bytes; b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(src) + b);
+}
+
+// Converts n rows of D elements (row stride ld_src) to contiguous fp32 rows of D.
+template <class T>
+LMKERN_INLINE void rows_to_fp32(const T* src, int64_t ld_src, int n, int64_t D, float* dst) {
   for (int j = 0; j < n; ++j, src += ld_src, dst += D) {
-    if (j < ahead) {
-      const char* next = reinterpret_cast<const char*>(src + n * ld_src);
-      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
-    }
     int64_t d = 0;
     for (; d + L <= D; d += L) Isa::store(dst + d, Isa::load(src + d));
     if (d < D) Isa::store(dst + d, Isa::load(src + d, D - d), D - d);
   }
 }
 
-// St[j][lanes] = scale * sum_d Kf[j][d] Qt[d][lanes] for MR_ keys j, NV registers of lanes.
+// St[j][lanes] = scale * sum_d K[j][d] Qt[d][lanes] for MR_ keys j (row stride ldk), NV
+// registers of lanes.
 // (Pointers walk the loops: the build's -fwrapv keeps int index arithmetic in 32 bits, which
 // would cost a sign extension per access.)
 template <int MR_, int NV>
-LMKERN_INLINE void qk_micro(const float* kf, int64_t D, const float* qt, int64_t ldq, float* st,
-                            float scale) {
+LMKERN_INLINE void qk_micro(const float* kf, int64_t ldk, int64_t D, const float* qt,
+                            int64_t ldq, float* st, float scale) {
   R acc[MR_][NV];
   const float* k[MR_];
   for (int m = 0; m < MR_; ++m) {
-    k[m] = kf + m * D;
+    k[m] = kf + m * ldk;
     for (int v = 0; v < NV; ++v) acc[m][v] = Isa::zero();
   }
   for (const float* const end = k[0] + D; k[0] != end; qt += ldq) {
@@ -98,14 +103,15 @@ LMKERN_INLINE void qk_micro(const float* kf, int64_t D, const float* qt, int64_t
     for (int v = 0; v < NV; ++v) Isa::store(st + m * CW + v * L, Isa::mul(acc[m][v], s));
 }
 
-// Ot[d][lanes] = Ot[d][lanes] * alpha[lanes] + sum_j Vf[j][d] St[j][lanes] for MR_ dims d.
+// Ot[d][lanes] = Ot[d][lanes] * alpha[lanes] + sum_j V[j][d] St[j][lanes] for MR_ dims d
+// (V's row stride ldv).
 template <int MR_, int NV>
-LMKERN_INLINE void pv_micro(const float* vf, int64_t D, int nb, const float* st, float* ot,
+LMKERN_INLINE void pv_micro(const float* vf, int64_t ldv, int nb, const float* st, float* ot,
                             int64_t ldo, const R* alpha) {
   R acc[MR_][NV];
   for (int m = 0; m < MR_; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = Isa::mul(Isa::load(ot + m * ldo + v * L), alpha[v]);
-  for (const float* const end = st + static_cast<int64_t>(nb) * CW; st != end; st += CW, vf += D) {
+  for (const float* const end = st + static_cast<int64_t>(nb) * CW; st != end; st += CW, vf += ldv) {
     R b[NV];
     for (int v = 0; v < NV; ++v) b[v] = Isa::load(st + v * L);
     for (int m = 0; m < MR_; ++m) {
@@ -117,35 +123,39 @@ LMKERN_INLINE void pv_micro(const float* vf, int64_t D, int nb, const float* st,
     for (int v = 0; v < NV; ++v) Isa::store(ot + m * ldo + v * L, acc[m][v]);
 }
 
-// The micro-kernels for a tail of mr < MR operands.
-template <int NV, int M = MR>
-LMKERN_INLINE void qk_tail(int mr, const float* kf, int64_t D, const float* qt, int64_t ldq,
-                           float* st, float scale) {
+// The micro-kernels for a tail of mr < kMR<NV> operands.
+template <int NV, int M = kMR<NV> - 1>
+LMKERN_INLINE void qk_tail(int mr, const float* kf, int64_t ldk, int64_t D, const float* qt,
+                           int64_t ldq, float* st, float scale) {
   if constexpr (M > 0) {
-    if (mr == M) return qk_micro<M, NV>(kf, D, qt, ldq, st, scale);
-    qk_tail<NV, M - 1>(mr, kf, D, qt, ldq, st, scale);
+    if (mr == M) return qk_micro<M, NV>(kf, ldk, D, qt, ldq, st, scale);
+    qk_tail<NV, M - 1>(mr, kf, ldk, D, qt, ldq, st, scale);
   }
 }
-template <int NV, int M = MR>
-LMKERN_INLINE void pv_tail(int mr, const float* vf, int64_t D, int nb, const float* st, float* ot,
-                           int64_t ldo, const R* alpha) {
+template <int NV, int M = kMR<NV> - 1>
+LMKERN_INLINE void pv_tail(int mr, const float* vf, int64_t ldv, int nb, const float* st,
+                           float* ot, int64_t ldo, const R* alpha) {
   if constexpr (M > 0) {
-    if (mr == M) return pv_micro<M, NV>(vf, D, nb, st, ot, ldo, alpha);
-    pv_tail<NV, M - 1>(mr, vf, D, nb, st, ot, ldo, alpha);
+    if (mr == M) return pv_micro<M, NV>(vf, ldv, nb, st, ot, ldo, alpha);
+    pv_tail<NV, M - 1>(mr, vf, ldv, nb, st, ot, ldo, alpha);
   }
 }
 
-// One chunk of NV registers of rows against nb keys of the current block (nb >= 1).
+// One chunk of NV registers of rows against nb keys of the current block (nb >= 1), whose
+// fp32 keys and values are rows of kf and vf (row strides ldk, ldv).
 // lim: per lane, how many keys of this block the row may see (masking applies iff `masked`).
 template <int NV>
 LMKERN_INLINE void chunk_step(const AttnItemView& w, int nb, bool masked, const float* lim,
-                              const float* kf, const float* vf, float* st, const float* qt,
-                              float* ot, float* m_run, float* l_run, int64_t j0, int r0) {
+                              const float* kf, int64_t ldk, const float* vf, int64_t ldv,
+                              float* st, const float* qt, float* ot, float* m_run, float* l_run,
+                              int64_t j0, int r0) {
+  constexpr int MR = kMR<NV>;
   const int64_t D = w.D;
   const int64_t ld = w.ld;
   int j = 0;
-  for (; j + MR <= nb; j += MR) qk_micro<MR, NV>(kf + j * D, D, qt, ld, st + j * CW, w.scale);
-  if (j < nb) qk_tail<NV>(nb - j, kf + j * D, D, qt, ld, st + j * CW, w.scale);
+  for (; j + MR <= nb; j += MR)
+    qk_micro<MR, NV>(kf + j * ldk, ldk, D, qt, ld, st + j * CW, w.scale);
+  if (j < nb) qk_tail<NV>(nb - j, kf + j * ldk, ldk, D, qt, ld, st + j * CW, w.scale);
   if (w.bias) w.add_bias(st, CW, r0, NV * L, j0, nb);
 
   R alpha[NV];
@@ -179,8 +189,8 @@ LMKERN_INLINE void chunk_step(const AttnItemView& w, int nb, bool masked, const 
   }
 
   int64_t d = 0;
-  for (; d + MR <= D; d += MR) pv_micro<MR, NV>(vf + d, D, nb, st, ot + d * ld, ld, alpha);
-  if (d < D) pv_tail<NV>(D - d, vf + d, D, nb, st, ot + d * ld, ld, alpha);
+  for (; d + MR <= D; d += MR) pv_micro<MR, NV>(vf + d, ldv, nb, st, ot + d * ld, ld, alpha);
+  if (d < D) pv_tail<NV>(D - d, vf + d, ldv, nb, st, ot + d * ld, ld, alpha);
 }
 
 // Runs one work item; scratch holds AttnItemView::scratch_floats(...) floats.
@@ -218,9 +228,14 @@ void run_item(const AttnItemView& w, float* scratch) {
   const int64_t keys = nvis[R_ - 1];
   for (int64_t j0 = 0; j0 < keys; j0 += BN) {
     const int nb = static_cast<int>(std::min<int64_t>(BN, keys - j0));
-    const int ahead = static_cast<int>(std::clamp<int64_t>(keys - j0 - nb, 0, nb));
-    rows_to_fp32(static_cast<const T*>(w.k_row(j0)), w.k_tok, nb, ahead, D, kf);
-    rows_to_fp32(static_cast<const T*>(w.v_row(j0)), w.v_tok, nb, ahead, D, vf);
+    const T* k = static_cast<const T*>(w.k_row(j0));
+    const T* v = static_cast<const T*>(w.v_row(j0));
+    // The next block is fetched while this one is computed.
+    const int ahead = static_cast<int>(std::clamp<int64_t>(keys - j0 - nb, 0, BN));
+    prefetch_rows(k + nb * w.k_tok, w.k_tok, ahead, D * static_cast<int64_t>(sizeof(T)));
+    prefetch_rows(v + nb * w.v_tok, w.v_tok, ahead, D * static_cast<int64_t>(sizeof(T)));
+    rows_to_fp32(k, w.k_tok, nb, D, kf);
+    rows_to_fp32(v, w.v_tok, nb, D, vf);
     for (int c0 = 0; c0 < Rl; c0 += CW) {
       const int lanes = std::min(CW, Rl - c0);
       const int last = std::min(c0 + lanes, R_) - 1;
@@ -232,11 +247,11 @@ void run_item(const AttnItemView& w, float* scratch) {
         for (int r = c0; r < c0 + lanes; ++r)  // small integers: exact as floats
           lim[r] = static_cast<float>(std::clamp<int64_t>(nvis[r] - j0, 0, BN));
       if (lanes > L)
-        chunk_step<2>(w, nbc, masked, lim + c0, kf, vf, st, qt + c0, ot + c0, m_run + c0,
-                      l_run + c0, j0, c0);
+        chunk_step<2>(w, nbc, masked, lim + c0, kf, D, vf, D, st, qt + c0, ot + c0,
+                      m_run + c0, l_run + c0, j0, c0);
       else
-        chunk_step<1>(w, nbc, masked, lim + c0, kf, vf, st, qt + c0, ot + c0, m_run + c0,
-                      l_run + c0, j0, c0);
+        chunk_step<1>(w, nbc, masked, lim + c0, kf, D, vf, D, st, qt + c0, ot + c0,
+                      m_run + c0, l_run + c0, j0, c0);
     }
   }
 
