@@ -297,11 +297,11 @@ def _attn_bwd_dkdv_kernel(
                 bT = tl.load(BIAS + b64 * stride_bb + h64 * stride_bh + offs_n[:, None] * stride_bn
                              + offs_m[None, :] * stride_bm, mask=key_ok[:, None] & row_ok[None, :], other=0.0)
                 sT += bT.to(tl.float32) * 1.4426950408889634
-            pT = tl.math.exp2(sT - lse2[None, :])
+            # Masked before exp2: a hidden score may exceed the row's lse (exp2 would overflow).
             visible = key_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
-            pT = tl.where(visible, pT, 0.0)
+            pT = tl.math.exp2(tl.where(visible, sT, float("-inf")) - lse2[None, :])
             dv += _dot(pT.to(do.dtype), do, DOT_PREC)
             dpT = _dot(v, tl.trans(do), DOT_PREC)
             dsT = pT * (dpT - delta[None, :])
@@ -376,11 +376,10 @@ def _attn_bwd_dq_kernel(
             bias = tl.load(BIAS + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                            mask=row_ok[:, None] & key_ok[None, :], other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
-        p = tl.math.exp2(s - lse2[:, None])
         visible = row_ok[:, None] & key_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-        p = tl.where(visible, p, 0.0)
+        p = tl.math.exp2(tl.where(visible, s, float("-inf")) - lse2[:, None])
         dp = _dot(do, vT, DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PREC)
@@ -505,18 +504,18 @@ def _dot_prec(dtype: torch.dtype) -> Optional[str]:
 def _fwd_config(D: int, dtype: torch.dtype, cpu: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper (and Ampere) shapes per head dim: a
     128-query tile amortizes K/V reads over more rows; 8 warps keep 16 rows per warp for the
-    m16 MMA; BLOCK_N shrinks with D (K, V tiles and the fp32 acc grow with it). fp32 inputs take
-    4-byte tiles and ieee (3-pass) dots: halve the tile."""
+    m16 MMA; D = 256 halves the query tile (the fp32 acc and q grow with D). Chosen so that ptxas
+    reports no spills for sm_80 and sm_90 (python tests/triton_gpu_compile.py 90 --regs)."""
     if cpu:
         return CPU_FWD_BLOCK[0], CPU_FWD_BLOCK[1], 4, 1
     bd = _block_d(D)
     if dtype == torch.float32:
-        return (32, 32, 8, 2) if bd <= 128 else (16, 32, 4, 1)
+        return 16, 16, 4, 1  # ieee dots run on FMA units: larger tiles spill (ptxas, sm_90)
     if bd <= 64:
         return 128, 64, 4, 3
     if bd <= 128:
         return 128, 64, 8, 3
-    return 64, 32, 8, 2
+    return 64, 64, 8, 2  # sm_90: 229 registers, no spills (64 x 32 with 4 or 8 warps spilled)
 
 
 def _bwd_config(D: int, dtype: torch.dtype, cpu: bool) -> tuple[int, int, int, int, int, int]:
@@ -530,7 +529,7 @@ def _bwd_config(D: int, dtype: torch.dtype, cpu: bool) -> tuple[int, int, int, i
     if dtype == torch.float32:
         return (16, 32, 32, 16, 4, 1) if bd <= 128 else (16, 16, 16, 16, 4, 1)
     if bd <= 64:
-        return 32, 64, 64, 32, 4, 3
+        return 32, 64, 64, 32, 4, 2
     if bd <= 128:
         return 32, 64, 64, 32, 8, 2
     return 16, 32, 32, 16, 8, 1
@@ -541,8 +540,10 @@ def _decode_config(D: int, cpu: bool) -> tuple[int, int, int]:
     is a K/V stream; deeper pipelining hides its latency."""
     if cpu:
         return CPU_DECODE_BLOCK_N, 4, 1
-    if _block_d(D) <= 128:
+    if _block_d(D) <= 64:
         return 64, 4, 3
+    if _block_d(D) <= 128:
+        return 64, 4, 2
     return 32, 8, 2
 
 
@@ -673,7 +674,7 @@ def attention_bwd(
         grid = (triton.cdiv(grid_k, bn_kv), B * Hkv)
         delta = torch.empty_like(lse)
         if grid_q > 0:
-            pre_m = 16 if cpu else 64
+            pre_m = 16 if cpu else max(16, 4096 // block_d)  # ~32 elements of each input per thread
             wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(grid_q, pre_m), B * Hq)](
                 out, grad_out, delta, cu_seqlens_q, *_strides3(out, varlen), *dos, slb, slh, Sq, Hq,
                 VARLEN=varlen, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, num_warps=4,
@@ -686,7 +687,7 @@ def attention_bwd(
         )
     if grid_q > 0:
         if grid_k == 0:
-            delta = torch.empty_like(lse)  # unread: no key, so P = 0 everywhere
+            delta = torch.zeros_like(lse)  # no key, so P = 0: dS = 0 * (dP - delta) must not meet garbage
         wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(grid_q, bm_q), B * Hq)](
             q, k, v, bias, grad_out, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *qs, *ks, *vs, *bs, *dos, *_strides3(dq, varlen), slb, slh,

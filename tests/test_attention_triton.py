@@ -166,6 +166,19 @@ def test_dense_forward_backward(case):
         assert torch.equal(dq[:, :dead], torch.zeros_like(dq[:, :dead]))
 
 
+@pytest.mark.parametrize("Sq, Sk", [(5, 0), (0, 7)])
+def test_empty_queries_or_keys(Sq, Sk):
+    """No keys: out 0, lse -inf, dq 0. No queries: dk = dv = 0 (written, not left as garbage)."""
+    q = _randn(2, Sq, 2, 32, dtype=torch.float32)
+    k = _randn(2, Sk, 1, 32, dtype=torch.float32)
+    v = _randn(2, Sk, 1, 32, dtype=torch.float32)
+    out, lse = run_fwd(q, k, v, causal=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    grads = run_bwd(torch.randn_like(q), q, k, v, out, lse, causal=True)
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
 def test_longer_sequences_larger_tiles(monkeypatch):
     """One launch crossing many blocks with tiles that differ between M and N (32 x 16): the
     unmasked key range, the causal diagonal and the backward's skipped query blocks all shift."""

@@ -8,6 +8,7 @@ pressure) would first show on a GPU. This script calls the real launchers on met
 prints one line per compiled kernel.
 
     python tests/triton_gpu_compile.py 90      # sm_90 (H100); 80 for sm_80 (A100)
+    python tests/triton_gpu_compile.py 90 --regs   # also ptxas registers and spills per kernel
 
 Run by tests/test_triton_gpu_compile.py in a subprocess: it needs TRITON_INTERPRET unset at import.
 """
@@ -24,11 +25,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from lmkern.kernels import attention as triton_attention  # noqa: E402
 from lmkern.kernels import norm as triton_norm  # noqa: E402
 from lmkern.kernels import sampling as triton_sampling  # noqa: E402
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
-POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64"}
+POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
+                 torch.int32: "*i32"}
 
 recorded: list[tuple[str, object, tuple, dict]] = []
 
@@ -80,6 +83,7 @@ def record_launches() -> None:
     """The launchers, on representative shapes and options, with meta tensors (nothing runs)."""
     triton_norm.wrap_triton = _Recorder
     triton_sampling.wrap_triton = _Recorder
+    triton_attention.wrap_triton = _Recorder
     meta = dict(device="meta")
 
     def label(text):
@@ -112,16 +116,89 @@ def record_launches() -> None:
         label(f"softmax {dtype} V={V}")
         triton_sampling.softmax(logits, 0.7, None, torch.empty(B, V, dtype=torch.float32, **meta))
 
+    record_attention(label, meta)
 
-def main(arch: int) -> int:
+
+def record_attention(label, meta) -> None:
+    """Attention forward and backward on the head dims and features the tile configs distinguish
+    (D <= 64, <= 128, 256; fp32's ieee dots; varlen; bias + seqused_k), and decoding."""
+    B, S, Hq, Hkv = 2, 1024, 16, 4
+    i32 = torch.int32
+    # (dtype, D, causal, varlen, bias + seqused_k, backward too)
+    cases = (
+        (torch.float16, 128, True, False, False, True),
+        (torch.bfloat16, 64, True, True, False, True),
+        (torch.float16, 256, True, False, False, True),
+        (torch.float32, 80, False, False, True, True),
+        (torch.bfloat16, 96, False, False, True, False),
+    )
+    for dtype, D, causal, varlen, masked, backward in cases:
+        if varlen:
+            q = torch.empty(B * S, Hq, D, dtype=dtype, **meta)
+            k = torch.empty(B * S, Hkv, D, dtype=dtype, **meta)
+            lse = torch.empty(Hq, B * S, dtype=torch.float32, **meta)
+            cu = torch.empty(B + 1, dtype=i32, **meta)
+        else:
+            q = torch.empty(B, S, Hq, D, dtype=dtype, **meta)
+            k = torch.empty(B, S, Hkv, D, dtype=dtype, **meta)
+            lse = torch.empty(B, Hq, S, dtype=torch.float32, **meta)
+            cu = None
+        bias = torch.empty(1, 1, S, S, **meta).expand(B, Hq, S, S) if masked else None
+        seqused = torch.empty(B, dtype=i32, **meta) if masked else None
+        args = (bias, cu, cu, seqused, S, S, causal, False, D**-0.5)
+        name = f"attention {dtype} D={D}{' causal' if causal else ''}{' varlen' if varlen else ''}" \
+               f"{' bias seqused_k' if masked else ''}"
+        label(f"{name} fwd")
+        triton_attention.attention_fwd(q, k, k, *args, torch.empty_like(q), lse)
+        if backward:
+            label(f"{name} bwd")
+            triton_attention.attention_bwd(q, q, k, k, q, lse, *args, torch.empty_like(q), torch.empty_like(k),
+                                           torch.empty_like(k))
+    for dtype, D, Sq in ((torch.float16, 128, 1), (torch.bfloat16, 256, 4), (torch.float32, 64, 1)):
+        q = torch.empty(8, Sq, 32, D, dtype=dtype, **meta)
+        cache = torch.empty(8, 4096, 8, D, dtype=dtype, **meta)
+        label(f"attention_decode {dtype} D={D} Sq={Sq}")
+        triton_attention.attention_decode(q, cache, cache, torch.empty(8, dtype=i32, **meta), True, D**-0.5, 0,
+                                          torch.empty_like(q), torch.empty(8, 32, Sq, dtype=torch.float32, **meta))
+
+
+def ptxas_usage(compiled, arch: int) -> str:
+    """", N registers, S bytes of spill stores/loads" from Triton's bundled ptxas -v on the kernel's
+    PTX (the compile cache keeps no ptxas log, so it is run again; only with --regs)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptx = compiled.asm["ptx"]
+    gpu = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", src, "-o",
+                              os.path.join(tmp, "k.o")], capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    text = f", {regs.group(1) if regs else '?'} registers"
+    if spills:
+        text += f", {spills.group(1)}/{spills.group(2)} bytes spill stores/loads"
+    return text
+
+
+def main(arch: int, regs: bool = False) -> int:
     record_launches()
     for text, kernel, args, kwargs in recorded:
         compiled = compile_launch(kernel, args, kwargs, arch)
         meta = compiled.metadata
-        print(f"sm_{arch} {text}: ok, {getattr(meta, 'num_warps', '?')} warps, {len(compiled.asm['cubin'])} bytes of cubin",
-              flush=True)
+        usage = ptxas_usage(compiled, arch) if regs else ""
+        print(f"sm_{arch} {text} [{getattr(kernel, '__name__', '?')}]: ok, {getattr(meta, 'num_warps', '?')} warps, "
+              f"{len(compiled.asm['cubin'])} bytes of cubin{usage}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
+    # python tests/triton_gpu_compile.py 90 [--regs]
+    argv = [a for a in sys.argv[1:] if a != "--regs"]
+    sys.exit(main(int(argv[0]) if argv else 90, "--regs" in sys.argv[1:]))
