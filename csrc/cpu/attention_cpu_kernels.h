@@ -78,29 +78,39 @@ LMKERN_INLINE void rows_to_fp32(const T* src, int64_t ld_src, int n, int64_t D, 
 }
 
 // St[j][lanes] = scale * sum_d K[j][d] Qt[d][lanes] for MR_ keys j (row stride ldk), NV
-// registers of lanes.
+// registers of lanes. The dot products are summed in parts of kDPart terms, added through St: one
+// FMA chain over a long head dim (256) would round several times more than torch's GEMM does.
 // (Pointers walk the loops: the build's -fwrapv keeps int index arithmetic in 32 bits, which
 // would cost a sign extension per access.)
+constexpr int64_t kDPart = 64;
 template <int MR_, int NV>
 LMKERN_INLINE void qk_micro(const float* kf, int64_t ldk, int64_t D, const float* qt,
                             int64_t ldq, float* st, float scale) {
-  R acc[MR_][NV];
   const float* k[MR_];
-  for (int m = 0; m < MR_; ++m) {
-    k[m] = kf + m * ldk;
-    for (int v = 0; v < NV; ++v) acc[m][v] = Isa::zero();
-  }
-  for (const float* const end = k[0] + D; k[0] != end; qt += ldq) {
-    R b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = Isa::load(qt + v * L);
-    for (int m = 0; m < MR_; ++m) {
-      const R a = Isa::set1(*k[m]++);
-      for (int v = 0; v < NV; ++v) acc[m][v] = Isa::fmadd(a, b[v], acc[m][v]);
+  for (int m = 0; m < MR_; ++m) k[m] = kf + m * ldk;
+  for (int64_t d0 = 0; d0 < D; d0 += kDPart) {
+    R acc[MR_][NV];
+    for (int m = 0; m < MR_; ++m)
+      for (int v = 0; v < NV; ++v) acc[m][v] = Isa::zero();
+    for (const float* const end = k[0] + std::min(kDPart, D - d0); k[0] != end; qt += ldq) {
+      R b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = Isa::load(qt + v * L);
+      for (int m = 0; m < MR_; ++m) {
+        const R a = Isa::set1(*k[m]++);
+        for (int v = 0; v < NV; ++v) acc[m][v] = Isa::fmadd(a, b[v], acc[m][v]);
+      }
     }
+    const bool last = d0 + kDPart >= D;
+    for (int m = 0; m < MR_; ++m)
+      for (int v = 0; v < NV; ++v) {
+        float* p = st + m * CW + v * L;
+        R x = d0 == 0 ? acc[m][v] : Isa::add(Isa::load(p), acc[m][v]);
+        Isa::store(p, last ? Isa::mul(x, Isa::set1(scale)) : x);
+      }
   }
-  const R s = Isa::set1(scale);
-  for (int m = 0; m < MR_; ++m)
-    for (int v = 0; v < NV; ++v) Isa::store(st + m * CW + v * L, Isa::mul(acc[m][v], s));
+  if (D == 0)  // no terms: every score is 0
+    for (int m = 0; m < MR_; ++m)
+      for (int v = 0; v < NV; ++v) Isa::store(st + m * CW + v * L, Isa::zero());
 }
 
 // Ot[d][lanes] = Ot[d][lanes] * alpha[lanes] + sum_j V[j][d] St[j][lanes] for MR_ dims d
