@@ -14,7 +14,7 @@
 //   online softmax down each lane (max, rescale factor, exp, sum): no horizontal reductions
 //   Ot[:, chunk]   = Ot * alpha + Vf^T . St
 // With lanes along rows, both micro-GEMMs broadcast a scalar of Kf/Vf and load vectors of
-// Qt/St: 6 x 2 registers of accumulators, 12 FMAs per 8 loads.
+// Qt/St: 6 x 2 (or 12 x 1) registers of accumulators, 12 FMAs per 8 (13) loads.
 // Causal: a chunk only visits the keys its last row can see (never a block fully above the
 // diagonal); keys past a row's limit inside that range are masked to -inf.
 
