@@ -255,7 +255,7 @@ def test_fwd_bias_and_seqused(dtype, causal, top_left):
     full[:, :, :, 5:9] = -INF
     full[1, 2, 3, :] = -INF  # one fully masked row
     row_bias = torch.randn(1, 1, Sq, Sk, device="cuda").expand(B, Hq, Sq, Sk)  # 0 strides
-    col_bias = torch.randn(Sk, Sq, device="cuda").t()[None, None]  # (1, 1, Sq, Sk), transposed
+    col_bias = torch.randn(Sk, Sq, device="cuda").t().expand(B, Hq, Sq, Sk)  # transposed, 0 strides
     seqused = torch.tensor([150, 40, 0], dtype=torch.int32, device="cuda")
     for bias in (full, row_bias, col_bias, None):
         for used in (None, seqused):

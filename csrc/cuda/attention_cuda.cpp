@@ -106,8 +106,9 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_op(const at::Tensor& q,
   TORCH_CHECK_VALUE(attention_decode_cuda_head_dim_ok(D), "lmkern.", op,
                     ": the CUDA kernel supports head_dim a multiple of 8 in [8, ",
                     kAttentionDecodeMaxHeadDim, "], got ", D);
-  TORCH_CHECK_VALUE(Smax <= std::numeric_limits<int32_t>::max(), "lmkern.", op,
-                    ": k_cache has more than 2^31 - 1 slots per row (", Smax, ")");
+  TORCH_CHECK_VALUE(Smax <= kAttentionDecodeMaxSlots, "lmkern.", op,
+                    ": the CUDA kernel supports at most 2^30 cache slots per row, k_cache has ",
+                    Smax);
   TORCH_CHECK_VALUE(num_splits >= 0, "lmkern.", op, ": num_splits must be >= 0, got ",
                     num_splits);
   const at::Tensor lens = int32_vector(op, "cache_seqlens", cache_seqlens, B, q);

@@ -73,10 +73,8 @@ struct DecodePlan {
 };
 
 bool decode_params_ok(const AttentionDecodeParams& p) {
-  if (p.B < 0 || p.Sq < 0 || p.Hq < 0 || p.Hkv <= 0 || p.Smax < 0 || p.Smax > INT32_MAX ||
-      p.num_splits < 0) {
-    return false;
-  }
+  if (p.B < 0 || p.Sq < 0 || p.Hq < 0 || p.Hkv <= 0 || p.num_splits < 0) return false;
+  if (p.Smax < 0 || p.Smax > kAttentionDecodeMaxSlots) return false;
   if (p.Hq % p.Hkv != 0 || !attention_decode_cuda_head_dim_ok(p.D)) return false;
   const int64_t vec = 16 / int64_t(dtype_size(p.dtype));
   const int64_t strides[] = {p.q_batch_stride, p.q_row_stride, p.q_head_stride,

@@ -16,10 +16,11 @@ namespace lmkern {
 
 // ---------------------------------------------------------------------------------------------
 // Decode (split-KV flash-decoding). Limits: dtype fp32, fp16 or bf16; D a multiple of 8 in
-// [8, 256]; Hq a multiple of Hkv; q, k, v 16-byte aligned with every stride a multiple of
-// 16 / sizeof(element); B * Hkv * ceil(Hq / Hkv * Sq / rows per block) < 2^31.
+// [8, 256]; Hq a multiple of Hkv; Smax <= 2^30; q, k, v 16-byte aligned with every stride a
+// multiple of 16 / sizeof(element); B * Hkv * ceil(Hq / Hkv * Sq / rows per block) < 2^31.
 
 constexpr int64_t kAttentionDecodeMaxHeadDim = 256;
+constexpr int64_t kAttentionDecodeMaxSlots = int64_t(1) << 30;  // Smax limit (int key indices)
 constexpr int kAttentionDecodeMaxSplits = 256;  // larger num_splits are reduced to this
 
 inline bool attention_decode_cuda_head_dim_ok(int64_t D) {

@@ -50,7 +50,16 @@ struct PrefillConfig {
 };
 
 // ------------------------------------------------------------------------------------------------
-// sm_80 PTX wrappers
+// sm_80 PTX wrappers. A host build of this header (tests/attention_cuda_algo.cpp, which runs the
+// kernels' code on the CPU, one thread per CUDA thread) defines LMKERN_ATTENTION_HOST_EMULATION
+// and supplies emulations of exactly these functions, with the PTX ISA's fragment layouts.
+#if !defined(LMKERN_ATTENTION_HOST_EMULATION)
+
+// The block's dynamic shared memory.
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char attn_smem[];
+  return attn_smem;
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -102,6 +111,8 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif  // !LMKERN_ATTENTION_HOST_EMULATION
 
 // Two floats rounded to T, packed: lo in the low 16 bits (the lower column of a fragment).
 template <typename T>
@@ -157,8 +168,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
   constexpr int KS = D / 16;  // k-steps of Q K^T
   static_assert(NT % 2 == 0 && DT % 2 == 0, "fragments are loaded in pairs");
 
-  extern __shared__ __align__(16) unsigned char attn_smem[];
-  T* sQ = reinterpret_cast<T*>(attn_smem);
+  T* sQ = reinterpret_cast<T*>(dynamic_smem());
   T* sK = sQ + BM * LD;
   T* sV = sK + BN * LD;
 
@@ -198,7 +208,10 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const int g = lane >> 2, t4 = lane & 3;
   const int wrow = warp * 16;  // the warp's first row in the block
 
-  for (int64_t m0 = int64_t(blockIdx.x) * BM; m0 < Sq_b; m0 += int64_t(gridDim.x) * BM) {
+  // Row blocks in reverse order of blockIdx.x: with a causal mask the last rows see the most
+  // keys, and their blocks are launched first (shorter tail).
+  const int64_t first_block = int64_t(gridDim.x) - 1 - blockIdx.x;
+  for (int64_t m0 = first_block * BM; m0 < Sq_b; m0 += int64_t(gridDim.x) * BM) {
     // Keys [0, n_end) are seen by some row of this block.
     int64_t n_end = Sk_b;
     if (p.causal) {
