@@ -203,7 +203,7 @@ LMKERN_INLINE void chunk_step(const AttnItemView& w, int nb, bool masked, const 
   if (d < D) pv_tail<NV>(D - d, vf + d, ldv, nb, st, ot + d * ld, ld, alpha);
 }
 
-// Runs one work item; scratch holds AttnItemView::scratch_floats(...) floats.
+// Runs one work item; scratch holds scratch_floats(...) floats (attention_cpu.cpp).
 template <class T>
 void run_item(const AttnItemView& w, float* scratch) {
   const int D = w.D, R_ = w.rows;
