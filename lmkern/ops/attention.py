@@ -441,15 +441,30 @@ def _kernel_support(spec: dispatch.InputSpec) -> Optional[str]:
     return None
 
 
+# The C++ CPU kernel keeps a few head vectors per thread in fixed scratch (csrc/cpu/attention_cpu.cpp).
+CPU_MAX_HEAD_DIM = 4096
+
+
 def _cpu_support(spec: dispatch.InputSpec) -> Optional[str]:
     if not CPP_KERNELS[("attention_fwd", "CPU")]:
         return "not built: lmkern._C has no CPU kernel for lmkern::attention_fwd (rebuild with `pip install --no-build-isolation .`)"
+    if spec.extra.get("head_dim", 0) > CPU_MAX_HEAD_DIM:
+        return f"head dim {spec.extra['head_dim']} > {CPU_MAX_HEAD_DIM}, the largest the CPU kernel's scratch holds"
     return _kernel_support(spec)
+
+
+# What the CUDA prefill kernel is instantiated for (csrc/include/lmkern/attention_cuda.h); the
+# decode kernel covers more (float32, any multiple of 8), but a call may route either way.
+CUDA_HEAD_DIMS = (32, 64, 80, 96, 128, 160, 192, 256)
 
 
 def _cuda_support(spec: dispatch.InputSpec) -> Optional[str]:
     if not CPP_KERNELS[("attention_fwd", "CUDA")]:
         return "not built: lmkern._C has no CUDA kernel for lmkern::attention_fwd"
+    if spec.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernels run float16 and bfloat16 on tensor cores; {spec.dtype} runs on triton or the reference"
+    if spec.extra.get("head_dim") not in CUDA_HEAD_DIMS:
+        return f"head dim {spec.extra.get('head_dim')} is not one the CUDA kernel is built for {CUDA_HEAD_DIMS}"
     return _kernel_support(spec)
 
 
