@@ -385,7 +385,10 @@ def test_softmax_matches_torch(device_backend, shape):
     for T in (1.0, 0.3, 2.5):
         got = lmkern.softmax(x, T, backend=backend)
         assert got.dtype == torch.float32 and got.shape == x.shape
-        torch.testing.assert_close(got, torch.softmax(x.double() / T, -1).float(), rtol=1e-5, atol=1e-7)
+        # float32 rounds z - max(z), so a probability's relative error grows with the spread of z
+        spread = (x / T).amax(-1) - (x / T).amin(-1)
+        rtol = 1e-5 + 2 * torch.finfo(torch.float32).eps * spread.max().item()
+        torch.testing.assert_close(got, torch.softmax(x.double() / T, -1).float(), rtol=rtol, atol=1e-7)
     lead = shape[:-1]
     T = torch.rand(lead, device=device) + 0.2
     if T.numel():
