@@ -120,20 +120,24 @@ def _sequence_backward(grad_out, grad_lse, q, k, v, out, lse, bias, causal_offse
     key_pos = torch.arange(Sk, device=q.device)
     for i0 in range(0, Sq, rows):
         i1 = min(Sq, i0 + rows)
-        q_blk, do_blk = qf[:, :, i0:i1], dof[:, :, i0:i1]
-        s = torch.einsum("hgid,hjd->hgij", q_blk, kf) * scale
+        # causal: the block's last row sees keys up to i1 - 1 + offset; the rest is never scored
+        n = Sk if causal_offset is None else max(0, min(Sk, i1 + causal_offset))
+        if n == 0:
+            continue
+        q_blk, do_blk, k_blk, v_blk = qf[:, :, i0:i1], dof[:, :, i0:i1], kf[:, :n], vf[:, :n]
+        s = torch.einsum("hgid,hjd->hgij", q_blk, k_blk) * scale
         if bias is not None:
-            s = s + bias[:, i0:i1].to(f32).reshape(Hkv, G, i1 - i0, Sk)
+            s = s + bias[:, i0:i1, :n].to(f32).reshape(Hkv, G, i1 - i0, n)
         if causal_offset is not None:
             query_pos = torch.arange(i0, i1, device=q.device)
-            s = s.masked_fill(key_pos[None, :] > query_pos[:, None] + causal_offset, float("-inf"))
+            s = s.masked_fill(key_pos[None, :n] > query_pos[:, None] + causal_offset, float("-inf"))
         l = lse4[:, :, i0:i1, None]
         live = torch.isfinite(l)  # lse -inf: the row saw no key and has no gradient
         p = torch.where(live, torch.exp(s - torch.where(live, l, torch.zeros_like(l))), torch.zeros_like(s))
-        dv += torch.einsum("hgij,hgid->hjd", p, do_blk)
-        ds = p * (torch.einsum("hgid,hjd->hgij", do_blk, vf) - delta[:, :, i0:i1, None])
-        dq[:, :, i0:i1] = torch.einsum("hgij,hjd->hgid", ds, kf) * scale
-        dk += torch.einsum("hgij,hgid->hjd", ds, q_blk) * scale
+        dv[:, :n] += torch.einsum("hgij,hgid->hjd", p, do_blk)
+        ds = p * (torch.einsum("hgid,hjd->hgij", do_blk, v_blk) - delta[:, :, i0:i1, None])
+        dq[:, :, i0:i1] = torch.einsum("hgij,hjd->hgid", ds, k_blk) * scale
+        dk[:, :n] += torch.einsum("hgij,hgid->hjd", ds, q_blk) * scale
     return dq, dk, dv
 
 
