@@ -1,7 +1,8 @@
 """Attention: every lmkern kernel backend on this device against torch's SDPA backends.
 
 Prefill (forward, and forward + backward): TFLOP/s from 4 * B * H * Sq * Sk * D for the forward
-(halved when causal) and 2.5x that for the backward, as flash-attention counts. Providers: each
+(halved when causal) and 2.5x that for the backward, as flash-attention counts (a forward +
+backward run counts 3.5x). Providers: each
 lmkern backend (the interpreter's Triton is not timed on CPUs), torch SDPA with each of its
 backends this device has (CUDA: flash, efficient, cudnn, math; CPU: its default fused kernel and
 math), and lmkern's reference, which holds the full score matrix (only where it fits).
@@ -68,8 +69,9 @@ def prefill_shapes(device: str, quick: bool):
 
 
 def prefill_flops(B, H, S, D, causal, backward):
+    """FLOPs of the forward, or of forward + backward (the backward counts 2.5 forwards)."""
     f = 4 * B * H * S * S * D / (2 if causal else 1)
-    return f * 2.5 if backward else f
+    return f * 3.5 if backward else f
 
 
 def _prefill_fn(provider: str, contexts: dict, q, k, v, causal: bool):
@@ -240,12 +242,15 @@ def plot(payload: dict, plt, description: str):
     cols = max(1, min(4, len(panels)))
     rows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+    colors = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(r["provider"] for r in res))}  # same color in every panel
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     for i, (direction, D, causal, dtype) in enumerate(panels):
         ax = axes[i // cols][i % cols]
         sel = [r for r in res if (r["direction"], r["head_dim"], r["causal"], r["dtype"]) == (direction, D, causal, dtype)]
         for provider in dict.fromkeys(r["provider"] for r in sel):
             pts = sorted((r["seqlen"], r["TFLOPs"]) for r in sel if r["provider"] == provider)
-            ax.plot(*zip(*pts), "-" if provider.startswith("lmkern") else "--", marker="o", label=provider)
+            ax.plot(*zip(*pts), "-" if provider.startswith("lmkern") else "--", marker="o", label=provider, color=colors[provider])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length")
         ax.set_ylabel("TFLOP/s")
