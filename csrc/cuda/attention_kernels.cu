@@ -9,9 +9,12 @@
 #include "lmkern/attention_cuda.h"
 #include "lmkern/attention_decode.cuh"
 #include "lmkern/attention_prefill.cuh"
+#include "lmkern/launch_util.h"
 
 namespace lmkern {
 namespace {
+
+using namespace launch;
 
 using namespace attention_kernels;
 
@@ -23,32 +26,6 @@ constexpr int64_t kDecodeTargetBlocksPerSm = 4;
 constexpr int64_t kDecodeMinKeysPerSplit = 256;
 // ... and at most this many splits.
 constexpr int64_t kDecodeMaxAutoSplits = 64;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-size_t round_up(size_t a, size_t b) { return (a + b - 1) / b * b; }
-bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
-size_t dtype_size(DType t) { return t == DType::Float32 ? 4 : 2; }
-
-#define LMKERN_TRY(expr)                  \
-  do {                                    \
-    const cudaError_t err_ = (expr);      \
-    if (err_ != cudaSuccess) return err_; \
-  } while (0)
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-cudaError_t dispatch_dtype(DType t, F&& f) {
-  switch (t) {
-    case DType::Float32: return f(Tag<float>{});
-    case DType::Float16: return f(Tag<__half>{});
-    case DType::BFloat16: return f(Tag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 // ------------------------------------------------------------------------------------------------
 // Decode

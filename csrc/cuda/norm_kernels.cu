@@ -4,11 +4,14 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "lmkern/launch_util.h"
 #include "lmkern/norm.cuh"
 #include "lmkern/norm_cuda.h"
 
 namespace lmkern {
 namespace {
+
+using namespace launch;
 
 using namespace norm_kernels;
 
@@ -37,10 +40,6 @@ constexpr int64_t kMaxLoopedBwdN = int64_t(1) << 24;
 constexpr size_t kStaticSmemReserve = 1024;
 constexpr size_t kDefaultSmemLimit = 48 * 1024;  // above this, a kernel must opt in
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-size_t round_up(size_t a, size_t b) { return (a + b - 1) / b * b; }
-
-bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
 // A row stride in elements allows 16-byte accesses when every row start stays 16-byte aligned
 // (a single row never moves).
 bool stride_ok(int64_t stride, int64_t rows, int vec) { return rows <= 1 || stride % vec == 0; }
@@ -74,11 +73,6 @@ RowShape row_shape(int64_t nvec, int max_nv, int max_tpr, int block_threads) {
   s.threads = std::max(1, block_threads / s.tpr) * s.tpr;
   return s;
 }
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
 
 // Calls f(Tag<T>, Tag<W>) for the supported (x dtype, weight dtype) pairs: W is T or float.
 template <typename F>
@@ -174,12 +168,6 @@ BwdRowsKernel bwd_rows_kernel(int nv) {
     default: return nullptr;
   }
 }
-
-#define LMKERN_TRY(expr)                  \
-  do {                                    \
-    const cudaError_t err_ = (expr);      \
-    if (err_ != cudaSuccess) return err_; \
-  } while (0)
 
 // Resident blocks per SM of `kernel` with `threads` threads and `smem` bytes of dynamic shared
 // memory (0: it cannot run), after opting in to more than the default shared memory if needed.
@@ -340,8 +328,6 @@ cudaError_t bwd_dispatch(const NormBwdParams& p, int num_sms, size_t* bytes_out,
                : bwd_impl<T, W, false, 1>(p, num_sms, bytes_out, workspace, workspace_bytes, stream);
   });
 }
-
-size_t dtype_size(DType t) { return t == DType::Float32 ? 4 : 2; }
 
 }  // namespace
 

@@ -6,11 +6,14 @@
 #include <climits>
 #include <cstdint>
 
+#include "lmkern/launch_util.h"
 #include "lmkern/sampling.cuh"
 #include "lmkern/sampling_cuda.h"
 
 namespace lmkern {
 namespace {
+
+using namespace launch;
 
 using namespace sampling_kernels;
 
@@ -26,33 +29,6 @@ constexpr int64_t kMaxSplits = 32;
 constexpr int64_t kChunkAlign = 16;
 // Rows are strided over at most this many blocks (gridDim.x limit).
 constexpr int64_t kMaxGrid = INT32_MAX;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-size_t round_up(size_t a, size_t b) { return (a + b - 1) / b * b; }
-bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
-
-#define LMKERN_TRY(expr)                  \
-  do {                                    \
-    const cudaError_t err_ = (expr);      \
-    if (err_ != cudaSuccess) return err_; \
-  } while (0)
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-cudaError_t dispatch_dtype(DType t, F&& f) {
-  switch (t) {
-    case DType::Float32: return f(Tag<float>{});
-    case DType::Float16: return f(Tag<__half>{});
-    case DType::BFloat16: return f(Tag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-size_t dtype_size(DType t) { return t == DType::Float32 ? 4 : 2; }
 
 // Checks shared by both ops: sizes the kernels index with int, element-aligned logits.
 bool logits_ok(const void* logits, DType dtype, int64_t B, int64_t V) {
