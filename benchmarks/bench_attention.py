@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 import lmkern
-from lmkern import dispatch
 from lmkern.reference import attention as ref
 
 import harness
@@ -38,17 +37,6 @@ def _sdpa_backends(device: str) -> dict[str, object]:
         names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
         return {f"torch-sdpa-{n}": (lambda b=getattr(SDPBackend, attr): sdpa_kernel(b)) for n, attr in names.items() if hasattr(SDPBackend, attr)}
     return {"torch-sdpa": contextlib.nullcontext, "torch-sdpa-math": lambda: sdpa_kernel(SDPBackend.MATH)}
-
-
-def lmkern_backends(device: str) -> list[str]:
-    names = []
-    for b in dispatch.BACKENDS:
-        if b == "reference" or dispatch.device_support(b, device) is not None:
-            continue
-        if b == "triton" and device != "cuda":
-            continue  # the interpreter is a test tool, not a backend to time
-        names.append(b)
-    return names
 
 
 def prefill_shapes(device: str, quick: bool):
@@ -146,7 +134,7 @@ def run(device: str, quick: bool = False, log=print) -> dict:
     copy_gbps = harness.copy_bandwidth_gbps(device)
     log(f"copy bandwidth on {harness.device_slug(device)}: {copy_gbps:.1f} GB/s")
     contexts = _sdpa_backends(device)
-    ours = [f"lmkern-{b}" for b in lmkern_backends(device)]
+    ours = [f"lmkern-{b}" for b in harness.lmkern_backends(device)]
     results = []
     for B, H, S, D, dtype, causal in prefill_shapes(device, quick):
         for backward in (False, True) if not (quick and device == "cpu") else (False,):

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 import lmkern
-from lmkern import dispatch
 
 import harness
 
@@ -29,18 +28,6 @@ def hidden_sizes(device: str, quick: bool) -> list[int]:
 
 def dtypes(device: str) -> list[torch.dtype]:
     return [torch.float32, torch.bfloat16, torch.float16] if device == "cuda" else [torch.float32, torch.bfloat16]
-
-
-def lmkern_backends(device: str) -> list[str]:
-    """Backends worth timing here: not the reference, not Triton's CPU interpreter."""
-    names = []
-    for b in dispatch.BACKENDS:
-        if b == "reference" or dispatch.device_support(b, device) is not None:
-            continue
-        if b == "triton" and device != "cuda":
-            continue
-        names.append(b)
-    return names
 
 
 def norm_fn(op: str, provider: str, n: int):
@@ -122,7 +109,7 @@ def check_targets(results: list[dict], device: str) -> list[dict]:
 def run(device: str, quick: bool = False, log=print) -> dict:
     copy_gbps = harness.copy_bandwidth_gbps(device)
     log(f"copy bandwidth on {harness.device_slug(device)}: {copy_gbps:.1f} GB/s")
-    providers = [f"lmkern-{b}" for b in lmkern_backends(device)] + ["torch", "torch.compile"]
+    providers = [f"lmkern-{b}" for b in harness.lmkern_backends(device)] + ["torch", "torch.compile"]
     results = []
     for op in ("rms_norm", "layer_norm"):
         for dtype in dtypes(device):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 import lmkern
-from lmkern import dispatch
 
 import harness
 
@@ -43,17 +42,6 @@ def torch_sort_sample(logits, top_k: int, top_p: float, generator=None):
 def torch_multinomial(logits, top_k: int, top_p: float, generator=None):
     """No filters: the cost of softmax + multinomial alone."""
     return torch.multinomial(torch.softmax(logits.float() / TEMPERATURE, dim=-1), 1, generator=generator).squeeze(-1)
-
-
-def lmkern_backends(device: str) -> list[str]:
-    names = []
-    for b in dispatch.BACKENDS:
-        if b == "reference" or dispatch.device_support(b, device) is not None:
-            continue
-        if b == "triton" and device != "cuda":
-            continue  # the interpreter is a test tool, not a backend to time
-        names.append(b)
-    return names
 
 
 def provider_fn(provider: str):
@@ -107,7 +95,7 @@ def check_targets(results: list[dict], device: str) -> list[dict]:
 def run(device: str, quick: bool = False, log=print) -> dict:
     copy_gbps = harness.copy_bandwidth_gbps(device)
     log(f"copy bandwidth on {harness.device_slug(device)}: {copy_gbps:.1f} GB/s")
-    providers = [f"lmkern-{b}" for b in lmkern_backends(device)] + ["torch-sort", "torch-multinomial"]
+    providers = [f"lmkern-{b}" for b in harness.lmkern_backends(device)] + ["torch-sort", "torch-multinomial"]
     results = []
     for B, V in grid(device, quick):
         for filt in FILTERS:

@@ -56,6 +56,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def lmkern_backends(device: str) -> list[str]:
+    """lmkern backends worth timing on ``device``: not the reference, not Triton's CPU interpreter
+    (a test tool, not a backend to time)."""
+    from lmkern import dispatch
+
+    return [
+        b for b in dispatch.BACKENDS
+        if b != "reference" and dispatch.device_support(b, device) is None and (b != "triton" or device == "cuda")
+    ]
+
+
 # ----------------------------------------------------------------------------- timing
 
 
