@@ -58,35 +58,9 @@ BwdBlocks bwd_blocks(int64_t M, int64_t N) {
 
 }  // namespace
 
-// The row kernels, once per instruction set. Each copy lives in its own namespace and target
-// region, with internal linkage (no interposable symbols: everything inlines); the ISA is chosen
-// at run time, so the binary runs on any x86-64 (or other) CPU.
-#if LMKERN_X86_SIMD
-LMKERN_TARGET_BEGIN(LMKERN_AVX512_ISA)
-namespace {
-namespace avx512 {
-using Isa = Avx512;
-#include "norm_cpu_kernels.h"
-}  // namespace avx512
-}  // namespace
-LMKERN_TARGET_END
-
-LMKERN_TARGET_BEGIN(LMKERN_AVX2_ISA)
-namespace {
-namespace avx2 {
-using Isa = Avx2;
-#include "norm_cpu_kernels.h"
-}  // namespace avx2
-}  // namespace
-LMKERN_TARGET_END
-#endif
-
-namespace {
-namespace portable {
-using Isa = Portable;
-#include "norm_cpu_kernels.h"
-}  // namespace portable
-}  // namespace
+// The row kernels, once per instruction set (see isa_instances.h).
+#define LMKERN_ISA_KERNELS "norm_cpu_kernels.h"
+#include "isa_instances.h"
 
 namespace {
 

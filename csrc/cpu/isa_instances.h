@@ -1,0 +1,49 @@
+// Compiles the kernel header named by LMKERN_ISA_KERNELS once per instruction set: AVX-512 and
+// AVX2 (x86-64 with GCC) and portable. Each copy lives in its own namespace (avx512, avx2,
+// portable) and target region, with internal linkage (no interposable symbols: everything
+// inlines); the .cpp picks one at run time by isa_name() (norm_cpu.cpp), so the binary runs on any
+// CPU. Inside each copy, `Isa` is the simd.h register set and simd_math.h's helpers are in scope
+// (LMKERN_ISA_ID, 0 portable, 1 AVX2, 2 AVX-512, only while simd_math.h is read).
+//
+// Usage, once per .cpp, after everything the kernels refer to is declared:
+//   #define LMKERN_ISA_KERNELS "foo_cpu_kernels.h"
+//   #include "isa_instances.h"
+// Deliberately without include guard.
+#ifndef LMKERN_ISA_KERNELS
+#error "define LMKERN_ISA_KERNELS (the header to compile per instruction set) first"
+#endif
+
+#if LMKERN_X86_SIMD
+LMKERN_TARGET_BEGIN(LMKERN_AVX512_ISA)
+namespace {
+namespace avx512 {
+using Isa = Avx512;
+#define LMKERN_ISA_ID 2
+#include "simd_math.h"
+#include LMKERN_ISA_KERNELS
+}  // namespace avx512
+}  // namespace
+LMKERN_TARGET_END
+
+LMKERN_TARGET_BEGIN(LMKERN_AVX2_ISA)
+namespace {
+namespace avx2 {
+using Isa = Avx2;
+#define LMKERN_ISA_ID 1
+#include "simd_math.h"
+#include LMKERN_ISA_KERNELS
+}  // namespace avx2
+}  // namespace
+LMKERN_TARGET_END
+#endif
+
+namespace {
+namespace portable {
+using Isa = Portable;
+#define LMKERN_ISA_ID 0
+#include "simd_math.h"
+#include LMKERN_ISA_KERNELS
+}  // namespace portable
+}  // namespace
+
+#undef LMKERN_ISA_KERNELS
