@@ -4,7 +4,10 @@ rows, the custom ops (opcheck, torch.compile) and the softmax gradient."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -500,6 +503,44 @@ def test_sampler_module(device_backend):
         lmkern.nn.Sampler(top_p=1.5)
     with pytest.raises(TypeError, match="top_k"):
         lmkern.nn.Sampler(top_k=2.5)
+
+
+# ----------------------------------------------------------------------------- instruction sets
+
+PORTABLE_SCRIPT = """
+import sys, torch
+from lmkern import _C
+assert _C.cpu_isa() == "portable", _C.cpu_isa()
+cases = torch.load(sys.argv[1])
+outs = [(torch.ops.lmkern.sample(x, *args), torch.ops.lmkern.softmax(x, args[0], None)) for x, args in cases]
+torch.save(outs, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not _ext.HAS_CPP, reason="lmkern._C not built")
+def test_portable_isa(tmp_path):
+    """The portable (non-x86) CPU kernels, selected with LMKERN_CPU_ISA in a fresh process, against
+    the oracle: every filter path, a vocabulary that is not a multiple of any register width, -inf
+    logits, fp16 and bf16."""
+    cases, cfgs = [], []
+    for dtype, config in [(torch.float32, "all"), (torch.float32, "top_p"), (torch.float16, "top_k"),
+                          (torch.bfloat16, "cold"), (torch.float32, "min_p")]:
+        x = _logits(300, 1031, "cpu", dtype)
+        x[::7, ::3] = float("-inf")
+        cfg = CONFIGS[config]
+        seed = random.getrandbits(63)
+        args = (cfg.get("temperature", 1.0), cfg.get("top_k", 0), cfg.get("top_p", 1.0), cfg.get("min_p", 0.0),
+                None, None, None, None, seed, None, True)
+        cases.append((x, args))
+        cfgs.append((cfg, seed))
+    torch.save(cases, tmp_path / "in.pt")
+    env = dict(os.environ, LMKERN_CPU_ISA="portable")
+    subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True)
+    for ((ids, logprobs), probs), (x, args), (cfg, seed) in zip(torch.load(tmp_path / "out.pt"), cases, cfgs):
+        _check(ids, logprobs, x, f"portable {x.dtype} {cfg}", **cfg, seed=seed)
+        want = torch.softmax(x.double() / args[0], -1).float()
+        torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-7)
 
 
 def test_backends_report_missing_kernels():
