@@ -15,6 +15,10 @@ lmkern/reference/attention.py. Conventions shared by every kernel here:
 * Causal: key j is visible to query i iff j <= i + offset, offset = 0 (top-left) or
   Sk_b - Sq_b (bottom-right). Loop bounds skip key (query) blocks that no row can see, and the
   forward runs the blocks every row fully sees without any masking arithmetic.
+* Packed rows outside every sequence (before cu_seqlens[0], from cu_seqlens[-1] on; only
+  torch.compile, which skips the host check, lets them through) are written as the reference
+  has them, out 0, lse -inf, zero gradients, by one extra batch of programs per launch; the
+  grid stays host-sync free and the programs of the sequences do not change.
 
 The launchers are plain functions over preallocated outputs; lmkern/ops/attention.py wraps them
 in torch.library.triton_op (with autograd), hence every launch goes through wrap_triton.
@@ -120,6 +124,30 @@ def _store_rows(P, rows, stride_row, row_ok, offs_d, d_ok, x):
 
 
 @triton.jit
+def _fill_rows(P, lo, hi, stride_row, VALUE: tl.constexpr, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_W: tl.constexpr):
+    """P[r, :WIDTH] = VALUE for the rows r in [lo, hi), row blocks strided over the grid's first
+    dimension (sized by max_seqlen, which does not bound these rows)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_w = tl.arange(0, BLOCK_W)
+    fill = tl.full([BLOCK_R, BLOCK_W], VALUE, P.dtype.element_ty)
+    for r0 in range(lo + tl.program_id(0) * BLOCK_R, hi, tl.num_programs(0) * BLOCK_R):
+        rows = r0 + offs_r
+        tl.store(P + rows.to(tl.int64)[:, None] * stride_row + offs_w[None, :], fill,
+                 mask=(rows < hi)[:, None] & (offs_w < WIDTH)[None, :])
+
+
+@triton.jit
+def _fill_unowned_rows(P, CU, num_seqs, total_rows, stride_row, VALUE: tl.constexpr, WIDTH: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Packed rows that belong to no sequence, [0, CU[0]) and [CU[num_seqs], total_rows), get what
+    the reference gives them (out 0, lse -inf, zero gradients). torch.compile skips the host check
+    that cu_seqlens spans the packed tensor, so such rows reach the kernels."""
+    _fill_rows(P, 0, tl.load(CU), stride_row, VALUE, WIDTH, BLOCK_R, BLOCK_W)
+    _fill_rows(P, tl.load(CU + num_seqs), total_rows, stride_row, VALUE, WIDTH, BLOCK_R, BLOCK_W)
+
+
+@triton.jit
 def _causal_offset(seqlen_q, seqlen_k, TOP_LEFT: tl.constexpr):
     if TOP_LEFT:
         return 0
@@ -196,18 +224,26 @@ def _fwd_block(
     return _online_softmax(acc, l_i, m_i, s, v, DOT_PREC)
 
 
-@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense"])
+@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "num_seqs", "total_q"])
 def _attn_fwd_kernel(
     Q, K, V, BIAS, O, LSE, CU_Q, CU_K, SEQUSED_K,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-    seqlen_q_dense, seqlen_k_dense, Hq, GROUP, qk_scale,
+    seqlen_q_dense, seqlen_k_dense, num_seqs, total_q, Hq, GROUP, qk_scale,
     VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # One program per (query block, batch * query head).
+    # One program per (query block, batch * query head); packed, one more batch of programs fills
+    # the rows outside every sequence.
     pid_m, b, h = _program_ids(Hq)
+    if VARLEN:
+        if b == num_seqs:
+            _fill_unowned_rows(O + h.to(tl.int64) * stride_oh, CU_Q, num_seqs, total_q, stride_om, 0.0,
+                               HEAD_DIM, BLOCK_M, BLOCK_D)
+            _fill_unowned_rows(LSE + h.to(tl.int64) * stride_lh, CU_Q, num_seqs, total_q, 1, float("-inf"),
+                               1, BLOCK_M, 1)
+            return
     hk = h // GROUP
     q_start, seqlen_q, k_start, seqlen_k = _qk_bounds(
         CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN, HAS_SEQUSED)
@@ -279,13 +315,13 @@ def _attn_bwd_preprocess_kernel(
     tl.store(_head_base(DELTA, b, h, stride_lb, stride_lh) + rows, delta, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense"])
+@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "num_seqs", "total_k"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SEQUSED_K,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh,
-    seqlen_q_dense, seqlen_k_dense, Hkv, GROUP, qk_scale, scale,
+    seqlen_q_dense, seqlen_k_dense, num_seqs, total_k, Hkv, GROUP, qk_scale, scale,
     VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -294,6 +330,13 @@ def _attn_bwd_dkdv_kernel(
     # this kv head and over their query blocks, so dK/dV are summed in registers (no atomics).
     # Everything is computed transposed (keys along rows): sT = k q^T, pT, dpT = v dO^T.
     pid_n, b, hk = _program_ids(Hkv)
+    if VARLEN:
+        if b == num_seqs:  # the packed key rows outside every sequence
+            _fill_unowned_rows(DK + hk.to(tl.int64) * stride_dkh, CU_K, num_seqs, total_k, stride_dkn, 0.0,
+                               HEAD_DIM, BLOCK_N, BLOCK_D)
+            _fill_unowned_rows(DV + hk.to(tl.int64) * stride_dvh, CU_K, num_seqs, total_k, stride_dvn, 0.0,
+                               HEAD_DIM, BLOCK_N, BLOCK_D)
+            return
     q_start, seqlen_q, k_start, seqlen_k = _qk_bounds(
         CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN, HAS_SEQUSED)
     # Rows this program writes: dense, every key slot (those past seqused_k get zeros); packed,
@@ -354,13 +397,13 @@ def _attn_bwd_dkdv_kernel(
     _store_rows(_head_base(DV, b, hk, stride_dvb, stride_dvh), k_rows, stride_dvn, store_ok, offs_d, d_ok, dv)
 
 
-@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense"])
+@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "num_seqs", "total_q"])
 def _attn_bwd_dq_kernel(
     Q, K, V, BIAS, DO, LSE, DELTA, DQ, CU_Q, CU_K, SEQUSED_K,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh,
     stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
-    seqlen_q_dense, seqlen_k_dense, Hq, GROUP, qk_scale, scale,
+    seqlen_q_dense, seqlen_k_dense, num_seqs, total_q, Hq, GROUP, qk_scale, scale,
     VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -368,6 +411,11 @@ def _attn_bwd_dq_kernel(
     # One program per (query block, batch * query head): dQ = scale * dS K summed over key blocks
     # in registers (deterministic; no atomics).
     pid_m, b, h = _program_ids(Hq)
+    if VARLEN:
+        if b == num_seqs:  # the packed query rows outside every sequence
+            _fill_unowned_rows(DQ + h.to(tl.int64) * stride_dqh, CU_Q, num_seqs, total_q, stride_dqm, 0.0,
+                               HEAD_DIM, BLOCK_M, BLOCK_D)
+            return
     hk = h // GROUP
     q_start, seqlen_q, k_start, seqlen_k = _qk_bounds(
         CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN, HAS_SEQUSED)
@@ -593,6 +641,15 @@ def _layout(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqle
     return False, B, Sq, Sk, Sq, Sk, (Hq * Sq, Sq)
 
 
+def _grid(longest: int, block: int, B: int, heads: int, varlen: bool) -> tuple[int, int]:
+    """(row blocks, batch * heads) of a kernel over B sequences of at most ``longest`` rows. Packed,
+    one more batch of programs fills the rows outside every sequence; they may be more than
+    ``longest`` (the programs stride over them) and exist also when ``longest`` is 0."""
+    if varlen:
+        return max(1, triton.cdiv(longest, block)), (B + 1) * heads
+    return triton.cdiv(longest, block), B * heads
+
+
 def _bias_strides(bias: Optional[Tensor]) -> tuple[int, int, int, int]:
     return tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)
 
@@ -618,21 +675,21 @@ def attention_fwd(
 ) -> None:
     """FlashAttention-2 forward into out (q's shape and dtype, contiguous) and lse (fp32; (B, Hq,
     Sq) dense, (Hq, total_q) packed). Layouts and conventions: the module docstring and
-    csrc/registration.cpp. Packed rows past cu_seqlens_q[-1] are not written."""
+    csrc/registration.cpp. Packed rows outside every sequence (before cu_seqlens_q[0], from
+    cu_seqlens_q[-1] on) get out 0 and lse -inf, as in the reference."""
     _check_last_stride(q, k, v)
     Hq, Hkv, group = _heads(q, k)
     D = q.shape[-1]
     varlen, B, Sq, Sk, grid_q, _, (slb, slh) = _layout(
         q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias)
-    if B == 0 or grid_q == 0 or Hq == 0 or q.numel() == 0:
+    if q.numel() == 0:
         return
     block_m, block_n, num_warps, num_stages = _fwd_config(D, q.dtype, _on_cpu(q))
-    grid = (triton.cdiv(grid_q, block_m), B * Hq)
-    wrap_triton(_attn_fwd_kernel)[grid](
+    wrap_triton(_attn_fwd_kernel)[_grid(grid_q, block_m, B, Hq, varlen)](
         q, k, v, bias, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_bias_strides(bias),
         *_strides3(out, varlen), slb, slh,
-        Sq, Sk, Hq, group, float(scale) * LOG2E,
+        Sq, Sk, B, q.shape[0], Hq, group, float(scale) * LOG2E,
         VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
         TOP_LEFT=bool(causal_top_left), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
         DOT_PREC=_dot_prec(q.dtype), num_warps=num_warps, num_stages=num_stages,
@@ -660,15 +717,13 @@ def attention_bwd(
     dv: Tensor,
 ) -> None:
     """FlashAttention-2 backward into dq, dk, dv (contiguous, shaped and typed as q, k, v). P is
-    recomputed from lse; the bias gets no gradient. Keys past seqused_k get zero dk/dv. Packed
-    rows past cu_seqlens_*[-1] are not written."""
+    recomputed from lse; the bias gets no gradient. Keys past seqused_k get zero dk/dv, and so do
+    packed rows outside every sequence (dq, dk, dv), as in the reference."""
     _check_last_stride(grad_out, q, k, v, out)
     Hq, Hkv, group = _heads(q, k)
     D = q.shape[-1]
     varlen, B, Sq, Sk, grid_q, grid_k, (slb, slh) = _layout(
         q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias)
-    if B == 0 or Hq == 0 or D == 0:
-        return
     cpu = _on_cpu(q)
     bm_kv, bn_kv, bm_q, bn_q, num_warps, num_stages = _bwd_config(D, q.dtype, cpu)
     block_d = _block_d(D)
@@ -679,29 +734,26 @@ def attention_bwd(
     qs, ks, vs = _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen)
     dos = _strides3(grad_out, varlen)
     bs = _bias_strides(bias)
-    if grid_k > 0:
-        # Every key slot is written (zeros where no query reads it), also when there are no queries.
-        grid = (triton.cdiv(grid_k, bn_kv), B * Hkv)
-        delta = torch.empty_like(lse)
-        if grid_q > 0:
-            pre_m = 16 if cpu else max(16, 4096 // block_d)  # ~32 elements of each input per thread
-            wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(grid_q, pre_m), B * Hq)](
-                out, grad_out, delta, cu_seqlens_q, *_strides3(out, varlen), *dos, slb, slh, Sq, Hq,
-                VARLEN=varlen, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, num_warps=4,
-            )
-        wrap_triton(_attn_bwd_dkdv_kernel)[grid](
+    delta = torch.empty_like(lse)  # read only at the query rows of sequences, which it covers
+    if grid_q > 0 and q.numel() > 0:
+        pre_m = 16 if cpu else max(16, 4096 // block_d)  # ~32 elements of each input per thread
+        wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(grid_q, pre_m), B * Hq)](
+            out, grad_out, delta, cu_seqlens_q, *_strides3(out, varlen), *dos, slb, slh, Sq, Hq,
+            VARLEN=varlen, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, num_warps=4,
+        )
+    if k.numel() > 0:
+        # Every key row is written (zeros where no query reads it), also when there are no queries.
+        wrap_triton(_attn_bwd_dkdv_kernel)[_grid(grid_k, bn_kv, B, Hkv, varlen)](
             q, k, v, bias, grad_out, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *qs, *ks, *vs, *bs, *dos, *_strides3(dk, varlen), *_strides3(dv, varlen), slb, slh,
-            Sq, Sk, Hkv, group, float(scale) * LOG2E, float(scale),
+            Sq, Sk, B, k.shape[0], Hkv, group, float(scale) * LOG2E, float(scale),
             BLOCK_M=bm_kv, BLOCK_N=bn_kv, **common,
         )
-    if grid_q > 0:
-        if grid_k == 0:
-            delta = torch.zeros_like(lse)  # no key, so P = 0: dS = 0 * (dP - delta) must not meet garbage
-        wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(grid_q, bm_q), B * Hq)](
+    if q.numel() > 0:
+        wrap_triton(_attn_bwd_dq_kernel)[_grid(grid_q, bm_q, B, Hq, varlen)](
             q, k, v, bias, grad_out, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *qs, *ks, *vs, *bs, *dos, *_strides3(dq, varlen), slb, slh,
-            Sq, Sk, Hq, group, float(scale) * LOG2E, float(scale),
+            Sq, Sk, B, q.shape[0], Hq, group, float(scale) * LOG2E, float(scale),
             BLOCK_M=bm_q, BLOCK_N=bn_q, **common,
         )
 
