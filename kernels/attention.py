@@ -15,6 +15,10 @@ lmkern/reference/attention.py. Conventions shared by every kernel here:
 * Causal: key j is visible to query i iff j <= i + offset, offset = 0 (top-left) or
   Sk_b - Sq_b (bottom-right). Loop bounds skip key (query) blocks that no row can see, and the
   forward runs the blocks every row fully sees without any masking arithmetic.
+* Packed rows outside every sequence (before cu_seqlens[0], from cu_seqlens[-1] on; only
+  torch.compile, which skips the host check, lets them through) are written as the reference
+  has them, out 0, lse -inf, zero gradients, by one extra batch of programs per launch; the
+  grid stays host-sync free and the programs of the sequences do not change.
 
 The launchers are plain functions over preallocated outputs; lmkern/ops/attention.py wraps them
 in torch.library.triton_op (with autograd), hence every launch goes through wrap_triton.
@@ -42,6 +46,10 @@ MAX_DECODE_SPLITS = 128
 
 
 # ----------------------------------------------------------------------------- shared pieces
+#
+# Every kernel addresses a tile as base + rows * row_stride + columns: the base (batch, head, first
+# row of the sequence) in 64 bits, so packed and batched tensors may exceed 2^31 elements; offsets
+# within one sequence in 32 bits, as in every key/query loop. The helpers inline.
 
 
 @triton.jit
@@ -51,6 +59,13 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _program_ids(HEADS):
+    """(row block, batch b, head h) of a program on the grid (row blocks, batch * HEADS)."""
+    pid_bh = tl.program_id(1)
+    return tl.program_id(0), pid_bh // HEADS, pid_bh % HEADS
 
 
 @triton.jit
@@ -69,11 +84,111 @@ def _seq_bounds(CU, SEQUSED, b, dense_len, VARLEN: tl.constexpr, HAS_SEQUSED: tl
 
 
 @triton.jit
+def _qk_bounds(CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN: tl.constexpr,
+               HAS_SEQUSED: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k) of sequence b (see _seq_bounds)."""
+    q_start, seqlen_q = _seq_bounds(CU_Q, CU_Q, b, seqlen_q_dense, VARLEN, False)
+    k_start, seqlen_k = _seq_bounds(CU_K, SEQUSED_K, b, seqlen_k_dense, VARLEN, HAS_SEQUSED)
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def _head_base(P, b, h, stride_b, stride_h):
+    return P + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _seq_base(P, b, h, start, stride_b, stride_h, stride_row):
+    """P at the first row (start) of batch b's sequence in head h."""
+    return _head_base(P, b, h, stride_b, stride_h) + start.to(tl.int64) * stride_row
+
+
+@triton.jit
+def _tile_offsets(start, length, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(rows, rows < length, head-dim columns, columns < HEAD_DIM) of the row block at start."""
+    offs = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    return offs, offs < length, offs_d, offs_d < HEAD_DIM
+
+
+@triton.jit
+def _load_rows(P, rows, stride_row, row_ok, offs_d, d_ok):
+    """A (rows x head dim) tile, zeros where masked."""
+    return tl.load(P + rows[:, None] * stride_row + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(P, rows, stride_row, row_ok, offs_d, d_ok, x):
+    tl.store(P + rows[:, None] * stride_row + offs_d[None, :], x.to(P.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _fill_rows(P, lo, hi, stride_row, VALUE: tl.constexpr, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_W: tl.constexpr):
+    """P[r, :WIDTH] = VALUE for the rows r in [lo, hi), row blocks strided over the grid's first
+    dimension (sized by max_seqlen, which does not bound these rows)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_w = tl.arange(0, BLOCK_W)
+    fill = tl.full([BLOCK_R, BLOCK_W], VALUE, P.dtype.element_ty)
+    for r0 in range(lo + tl.program_id(0) * BLOCK_R, hi, tl.num_programs(0) * BLOCK_R):
+        rows = r0 + offs_r
+        tl.store(P + rows.to(tl.int64)[:, None] * stride_row + offs_w[None, :], fill,
+                 mask=(rows < hi)[:, None] & (offs_w < WIDTH)[None, :])
+
+
+@triton.jit
+def _fill_unowned_rows(P, CU, num_seqs, total_rows, stride_row, VALUE: tl.constexpr, WIDTH: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Packed rows that belong to no sequence, [0, CU[0]) and [CU[num_seqs], total_rows), get what
+    the reference gives them (out 0, lse -inf, zero gradients). torch.compile skips the host check
+    that cu_seqlens spans the packed tensor, so such rows reach the kernels."""
+    _fill_rows(P, 0, tl.load(CU), stride_row, VALUE, WIDTH, BLOCK_R, BLOCK_W)
+    _fill_rows(P, tl.load(CU + num_seqs), total_rows, stride_row, VALUE, WIDTH, BLOCK_R, BLOCK_W)
+
+
+@triton.jit
 def _causal_offset(seqlen_q, seqlen_k, TOP_LEFT: tl.constexpr):
     if TOP_LEFT:
         return 0
     else:
         return seqlen_k - seqlen_q
+
+
+@triton.jit
+def _bias_log2(BIAS, rows, cols, stride_row, stride_col, mask):
+    """A tile of the additive bias, fp32, in the log2 domain of the scores."""
+    bias = tl.load(BIAS + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+    return bias.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _online_softmax(acc, l_i, m_i, s, v, DOT_PREC: tl.constexpr):
+    """Folds a block of log2-domain scores s (-inf where hidden) and its values v into the running
+    (acc, row sum l_i, row max m_i)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # Rows that have seen no visible key yet are shifted by 0: exp2(-inf - 0) = 0, never NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _softmax_result(acc, l_i, m_i):
+    """(out, lse in the log2 domain) of the running softmax; a row that saw no key: 0 and -inf."""
+    live = l_i > 0.0
+    l_safe = tl.where(live, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(live, m_i + tl.math.log2(l_safe), float("-inf"))
+
+
+@triton.jit
+def _lse_log2_shift(lse):
+    """The backward's shift of a row's scores: lse in the log2 domain; +inf where lse = -inf (a row
+    that saw no key, or padding), so that its P is 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -100,59 +215,49 @@ def _fwd_block(
     s = _dot(q, kT, DOT_PREC) * qk_scale
     if HAS_BIAS:
         b_mask = (offs_m < seqlen_q)[:, None] & (cols < seqlen_k)[None, :]
-        bias = tl.load(BIAS + offs_m[:, None] * stride_bm + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
-        s += bias.to(tl.float32) * 1.4426950408889634
+        s += _bias_log2(BIAS, offs_m, cols, stride_bm, stride_bn, b_mask)
     if MASKED:
         visible = (cols < seqlen_k)[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    # Rows that have seen no visible key yet are shifted by 0: exp2(-inf - 0) = 0, never NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
-    return acc, l_i, m_new
+    return _online_softmax(acc, l_i, m_i, s, v, DOT_PREC)
 
 
-@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense"])
+@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "num_seqs", "total_q"])
 def _attn_fwd_kernel(
     Q, K, V, BIAS, O, LSE, CU_Q, CU_K, SEQUSED_K,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-    seqlen_q_dense, seqlen_k_dense, Hq, GROUP, qk_scale,
+    seqlen_q_dense, seqlen_k_dense, num_seqs, total_q, Hq, GROUP, qk_scale,
     VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # One program per (query block, batch * query head).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    # One program per (query block, batch * query head); packed, one more batch of programs fills
+    # the rows outside every sequence.
+    pid_m, b, h = _program_ids(Hq)
+    if VARLEN:
+        if b == num_seqs:
+            _fill_unowned_rows(O + h.to(tl.int64) * stride_oh, CU_Q, num_seqs, total_q, stride_om, 0.0,
+                               HEAD_DIM, BLOCK_M, BLOCK_D)
+            _fill_unowned_rows(LSE + h.to(tl.int64) * stride_lh, CU_Q, num_seqs, total_q, 1, float("-inf"),
+                               1, BLOCK_M, 1)
+            return
     hk = h // GROUP
-    q_start, seqlen_q = _seq_bounds(CU_Q, CU_Q, b, seqlen_q_dense, VARLEN, False)
-    k_start, seqlen_k = _seq_bounds(CU_K, SEQUSED_K, b, seqlen_k_dense, VARLEN, HAS_SEQUSED)
+    q_start, seqlen_q, k_start, seqlen_k = _qk_bounds(
+        CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN, HAS_SEQUSED)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:  # the grid covers the longest sequence; shorter ones end early
         return
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = hk.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, offs_d, d_ok = _tile_offsets(m0, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seqlen_q
-
-    Q += b64 * stride_qb + q_start.to(tl.int64) * stride_qm + h64 * stride_qh
-    K += b64 * stride_kb + k_start.to(tl.int64) * stride_kn + hk64 * stride_kh
-    V += b64 * stride_vb + k_start.to(tl.int64) * stride_vn + hk64 * stride_vh
+    Q = _seq_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qm)
+    q = _load_rows(Q, offs_m, stride_qm, row_ok, offs_d, d_ok)
+    K = _seq_base(K, b, hk, k_start, stride_kb, stride_kh, stride_kn)
+    V = _seq_base(V, b, hk, k_start, stride_vb, stride_vh, stride_vn)
     if HAS_BIAS:
-        BIAS += b64 * stride_bb + h64 * stride_bh
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        BIAS = _head_base(BIAS, b, h, stride_bb, stride_bh)
 
     # Key range: [0, full_hi) every row sees in full, [full_hi, hi) needs masks, beyond: skipped.
     causal_offset = _causal_offset(seqlen_q, seqlen_k, TOP_LEFT)
@@ -180,14 +285,10 @@ def _attn_fwd_kernel(
             HEAD_DIM, HAS_BIAS, CAUSAL, True, DOT_PREC,
         )
 
-    live = l_i > 0.0
-    l_safe = tl.where(live, l_i, 1.0)
-    out = acc / l_safe[:, None]  # dead rows: acc is 0, so out is 0
-    lse = tl.where(live, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    O += b64 * stride_ob + q_start.to(tl.int64) * stride_om + h64 * stride_oh
-    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
+    out, lse2 = _softmax_result(acc, l_i, m_i)  # dead rows: acc is 0, so out is 0
+    O = _seq_base(O, b, h, q_start, stride_ob, stride_oh, stride_om)
+    _store_rows(O, offs_m, stride_om, row_ok, offs_d, d_ok, out)
+    tl.store(_seq_base(LSE, b, h, q_start, stride_lb, stride_lh, 1) + offs_m, lse2 * 0.6931471805599453, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -201,35 +302,26 @@ def _attn_bwd_preprocess_kernel(
     VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta_i = rowsum(dO_i * O_i) in fp32, laid out as lse."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    pid_m, b, h = _program_ids(Hq)
     q_start, seqlen_q = _seq_bounds(CU_Q, CU_Q, b, seqlen_q_dense, VARLEN, False)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows = q_start.to(tl.int64) + offs_m
-    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
-                mask=mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
-                 mask=mask, other=0.0)
+    offs_m, row_ok, offs_d, d_ok = _tile_offsets(m0, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
+    rows = q_start.to(tl.int64) + offs_m  # 64-bit rows: 32-bit ones cost 24 more registers on sm_80 (ptxas)
+    o = _load_rows(_head_base(O, b, h, stride_ob, stride_oh), rows, stride_om, row_ok, offs_d, d_ok)
+    do = _load_rows(_head_base(DO, b, h, stride_dob, stride_doh), rows, stride_dom, row_ok, offs_d, d_ok)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + rows, delta, mask=offs_m < seqlen_q)
+    tl.store(_head_base(DELTA, b, h, stride_lb, stride_lh) + rows, delta, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense"])
+@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "num_seqs", "total_k"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SEQUSED_K,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh,
-    seqlen_q_dense, seqlen_k_dense, Hkv, GROUP, qk_scale, scale,
+    seqlen_q_dense, seqlen_k_dense, num_seqs, total_k, Hkv, GROUP, qk_scale, scale,
     VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -237,12 +329,16 @@ def _attn_bwd_dkdv_kernel(
     # One program per (key block, batch * kv head); it loops over the GROUP query heads that read
     # this kv head and over their query blocks, so dK/dV are summed in registers (no atomics).
     # Everything is computed transposed (keys along rows): sT = k q^T, pT, dpT = v dO^T.
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    q_start, seqlen_q = _seq_bounds(CU_Q, CU_Q, b, seqlen_q_dense, VARLEN, False)
-    k_start, seqlen_k = _seq_bounds(CU_K, SEQUSED_K, b, seqlen_k_dense, VARLEN, HAS_SEQUSED)
+    pid_n, b, hk = _program_ids(Hkv)
+    if VARLEN:
+        if b == num_seqs:  # the packed key rows outside every sequence
+            _fill_unowned_rows(DK + hk.to(tl.int64) * stride_dkh, CU_K, num_seqs, total_k, stride_dkn, 0.0,
+                               HEAD_DIM, BLOCK_N, BLOCK_D)
+            _fill_unowned_rows(DV + hk.to(tl.int64) * stride_dvh, CU_K, num_seqs, total_k, stride_dvn, 0.0,
+                               HEAD_DIM, BLOCK_N, BLOCK_D)
+            return
+    q_start, seqlen_q, k_start, seqlen_k = _qk_bounds(
+        CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN, HAS_SEQUSED)
     # Rows this program writes: dense, every key slot (those past seqused_k get zeros); packed,
     # the sequence's own rows.
     if VARLEN:
@@ -252,19 +348,12 @@ def _attn_bwd_dkdv_kernel(
     n0 = pid_n * BLOCK_N
     if n0 >= store_len:
         return
-    b64 = b.to(tl.int64)
-    hk64 = hk.to(tl.int64)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_n, key_ok, offs_d, d_ok = _tile_offsets(n0, seqlen_k, BLOCK_N, BLOCK_D, HEAD_DIM)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    key_ok = offs_n < seqlen_k
-    kv_mask = key_ok[:, None] & d_ok[None, :]
+    # 64-bit key rows here (ptxas spills this kernel on sm_90 when they are 32-bit offsets from a shifted base)
     k_rows = k_start.to(tl.int64) + offs_n
-    k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + k_rows[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = _load_rows(_head_base(K, b, hk, stride_kb, stride_kh), k_rows, stride_kn, key_ok, offs_d, d_ok)
+    v = _load_rows(_head_base(V, b, hk, stride_vb, stride_vh), k_rows, stride_vn, key_ok, offs_d, d_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -276,28 +365,23 @@ def _attn_bwd_dkdv_kernel(
     hi = seqlen_q
     if n0 >= seqlen_k:
         hi = 0  # keys past seqused_k: zero gradient, nothing to read
-    q_row0 = q_start.to(tl.int64)
     for g in range(0, GROUP):
-        h64 = (hk * GROUP + g).to(tl.int64)
-        Qh = Q + b64 * stride_qb + h64 * stride_qh + q_row0 * stride_qm
-        DOh = DO + b64 * stride_dob + h64 * stride_doh + q_row0 * stride_dom
-        Lh = LSE + b64 * stride_lb + h64 * stride_lh + q_row0
-        Dh = DELTA + b64 * stride_lb + h64 * stride_lh + q_row0
+        h = hk * GROUP + g
+        Qh = _seq_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qm)
+        DOh = _seq_base(DO, b, h, q_start, stride_dob, stride_doh, stride_dom)
+        Lh = _seq_base(LSE, b, h, q_start, stride_lb, stride_lh, 1)
+        Dh = _seq_base(DELTA, b, h, q_start, stride_lb, stride_lh, 1)
+        Bh = _head_base(BIAS, b, h, stride_bb, stride_bh) if HAS_BIAS else BIAS
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             row_ok = offs_m < seqlen_q
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DOh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(Lh + offs_m, mask=row_ok, other=float("-inf"))
+            q = _load_rows(Qh, offs_m, stride_qm, row_ok, offs_d, d_ok)
+            do = _load_rows(DOh, offs_m, stride_dom, row_ok, offs_d, d_ok)
+            lse2 = _lse_log2_shift(tl.load(Lh + offs_m, mask=row_ok, other=float("-inf")))
             delta = tl.load(Dh + offs_m, mask=row_ok, other=0.0)
-            # lse = -inf (a row that saw no key, or padding): shift by +inf so that P is 0.
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             sT = _dot(k, tl.trans(q), DOT_PREC) * qk_scale
             if HAS_BIAS:
-                bT = tl.load(BIAS + b64 * stride_bb + h64 * stride_bh + offs_n[:, None] * stride_bn
-                             + offs_m[None, :] * stride_bm, mask=key_ok[:, None] & row_ok[None, :], other=0.0)
-                sT += bT.to(tl.float32) * 1.4426950408889634
+                sT += _bias_log2(Bh, offs_n, offs_m, stride_bn, stride_bm, key_ok[:, None] & row_ok[None, :])
             # Masked before exp2: a hidden score may exceed the row's lse (exp2 would overflow).
             visible = key_ok[:, None] & row_ok[None, :]
             if CAUSAL:
@@ -308,58 +392,49 @@ def _attn_bwd_dkdv_kernel(
             dsT = pT * (dpT - delta[None, :])
             dk += _dot(dsT.to(q.dtype), q, DOT_PREC)
 
-    dk = dk * scale
-    st_mask = (offs_n < store_len)[:, None] & d_ok[None, :]
-    tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + k_rows[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=st_mask)
-    tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + k_rows[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=st_mask)
+    store_ok = offs_n < store_len
+    _store_rows(_head_base(DK, b, hk, stride_dkb, stride_dkh), k_rows, stride_dkn, store_ok, offs_d, d_ok, dk * scale)
+    _store_rows(_head_base(DV, b, hk, stride_dvb, stride_dvh), k_rows, stride_dvn, store_ok, offs_d, d_ok, dv)
 
 
-@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense"])
+@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "num_seqs", "total_q"])
 def _attn_bwd_dq_kernel(
     Q, K, V, BIAS, DO, LSE, DELTA, DQ, CU_Q, CU_K, SEQUSED_K,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh,
     stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
-    seqlen_q_dense, seqlen_k_dense, Hq, GROUP, qk_scale, scale,
+    seqlen_q_dense, seqlen_k_dense, num_seqs, total_q, Hq, GROUP, qk_scale, scale,
     VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # One program per (query block, batch * query head): dQ = scale * dS K summed over key blocks
     # in registers (deterministic; no atomics).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    pid_m, b, h = _program_ids(Hq)
+    if VARLEN:
+        if b == num_seqs:  # the packed query rows outside every sequence
+            _fill_unowned_rows(DQ + h.to(tl.int64) * stride_dqh, CU_Q, num_seqs, total_q, stride_dqm, 0.0,
+                               HEAD_DIM, BLOCK_M, BLOCK_D)
+            return
     hk = h // GROUP
-    q_start, seqlen_q = _seq_bounds(CU_Q, CU_Q, b, seqlen_q_dense, VARLEN, False)
-    k_start, seqlen_k = _seq_bounds(CU_K, SEQUSED_K, b, seqlen_k_dense, VARLEN, HAS_SEQUSED)
+    q_start, seqlen_q, k_start, seqlen_k = _qk_bounds(
+        CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN, HAS_SEQUSED)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = hk.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, offs_d, d_ok = _tile_offsets(m0, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seqlen_q
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q_rows = q_start.to(tl.int64) + offs_m
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + q_rows[:, None] * stride_qm + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + q_rows[:, None] * stride_dom + offs_d[None, :],
-                 mask=q_mask, other=0.0)
-    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + q_rows, mask=row_ok, other=float("-inf"))
-    delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + q_rows, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    K += b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_kn
-    V += b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vn
+    Q = _seq_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qm)
+    DO = _seq_base(DO, b, h, q_start, stride_dob, stride_doh, stride_dom)
+    q = _load_rows(Q, offs_m, stride_qm, row_ok, offs_d, d_ok)
+    do = _load_rows(DO, offs_m, stride_dom, row_ok, offs_d, d_ok)
+    lse = tl.load(_seq_base(LSE, b, h, q_start, stride_lb, stride_lh, 1) + offs_m, mask=row_ok, other=float("-inf"))
+    delta = tl.load(_seq_base(DELTA, b, h, q_start, stride_lb, stride_lh, 1) + offs_m, mask=row_ok, other=0.0)
+    lse2 = _lse_log2_shift(lse)
+    K = _seq_base(K, b, hk, k_start, stride_kb, stride_kh, stride_kn)
+    V = _seq_base(V, b, hk, k_start, stride_vb, stride_vh, stride_vn)
     if HAS_BIAS:
-        BIAS += b64 * stride_bb + h64 * stride_bh
+        BIAS = _head_base(BIAS, b, h, stride_bb, stride_bh)
 
     causal_offset = _causal_offset(seqlen_q, seqlen_k, TOP_LEFT)
     if CAUSAL:
@@ -374,9 +449,7 @@ def _attn_bwd_dq_kernel(
         vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None], mask=key_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, kT, DOT_PREC) * qk_scale
         if HAS_BIAS:
-            bias = tl.load(BIAS + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                           mask=row_ok[:, None] & key_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
+            s += _bias_log2(BIAS, offs_m, offs_n, stride_bm, stride_bn, row_ok[:, None] & key_ok[None, :])
         visible = row_ok[:, None] & key_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
@@ -384,9 +457,8 @@ def _attn_bwd_dq_kernel(
         dp = _dot(do, vT, DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PREC)
-    dq = dq * scale
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    _store_rows(_seq_base(DQ, b, h, q_start, stride_dqb, stride_dqh, stride_dqm), offs_m, stride_dqm, row_ok, offs_d,
+                d_ok, dq * scale)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -404,16 +476,10 @@ def _attn_decode_split_kernel(
     # this kv head times the Sq queries (row r: head hk * GROUP + r // Sq, query r % Sq), so the
     # whole group shares one read of each K/V tile. Output: the split's normalized partial out
     # and its lse, fp32, in OP (B, Hq, Sq, num_splits, HEAD_DIM) and LP (B, Hq, Sq, num_splits).
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
+    pid_s, b, hk = _program_ids(Hkv)
     b64 = b.to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_M)
+    offs_r, row_ok, offs_d, d_ok = _tile_offsets(0, GROUP * Sq, BLOCK_M, BLOCK_D, HEAD_DIM)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_r < GROUP * Sq
     qi = offs_r % Sq
     h = hk * GROUP + offs_r // Sq
     h64 = h.to(tl.int64)
@@ -424,8 +490,8 @@ def _attn_decode_split_kernel(
     split_len = tl.cdiv(tl.cdiv(L, num_splits), BLOCK_N) * BLOCK_N
     start = pid_s * split_len
     end = tl.minimum(start + split_len, L)
-    K += b64 * stride_kb + hk.to(tl.int64) * stride_kh
-    V += b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    K = _head_base(K, b, hk, stride_kb, stride_kh)
+    V = _head_base(V, b, hk, stride_vb, stride_vh)
     causal_offset = L - Sq
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -441,21 +507,11 @@ def _attn_decode_split_kernel(
         visible = key_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= qi[:, None] + causal_offset)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
-        m_i = m_new
-    live = l_i > 0.0
-    l_safe = tl.where(live, l_i, 1.0)
-    lse2 = tl.where(live, m_i + tl.math.log2(l_safe), float("-inf"))  # log2 domain, combined below
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, tl.where(visible, s, float("-inf")), v, DOT_PREC)
+    out, lse2 = _softmax_result(acc, l_i, m_i)  # lse2 stays in the log2 domain, combined below
     part = ((b64 * Hq + h64) * Sq + qi) * num_splits + pid_s
     tl.store(LP + part, lse2, mask=row_ok)
-    tl.store(OP + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
-             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(OP + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -585,6 +641,15 @@ def _layout(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqle
     return False, B, Sq, Sk, Sq, Sk, (Hq * Sq, Sq)
 
 
+def _grid(longest: int, block: int, B: int, heads: int, varlen: bool) -> tuple[int, int]:
+    """(row blocks, batch * heads) of a kernel over B sequences of at most ``longest`` rows. Packed,
+    one more batch of programs fills the rows outside every sequence; they may be more than
+    ``longest`` (the programs stride over them) and exist also when ``longest`` is 0."""
+    if varlen:
+        return max(1, triton.cdiv(longest, block)), (B + 1) * heads
+    return triton.cdiv(longest, block), B * heads
+
+
 def _bias_strides(bias: Optional[Tensor]) -> tuple[int, int, int, int]:
     return tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)
 
@@ -610,21 +675,21 @@ def attention_fwd(
 ) -> None:
     """FlashAttention-2 forward into out (q's shape and dtype, contiguous) and lse (fp32; (B, Hq,
     Sq) dense, (Hq, total_q) packed). Layouts and conventions: the module docstring and
-    csrc/registration.cpp. Packed rows past cu_seqlens_q[-1] are not written."""
+    csrc/registration.cpp. Packed rows outside every sequence (before cu_seqlens_q[0], from
+    cu_seqlens_q[-1] on) get out 0 and lse -inf, as in the reference."""
     _check_last_stride(q, k, v)
     Hq, Hkv, group = _heads(q, k)
     D = q.shape[-1]
     varlen, B, Sq, Sk, grid_q, _, (slb, slh) = _layout(
         q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias)
-    if B == 0 or grid_q == 0 or Hq == 0 or q.numel() == 0:
+    if q.numel() == 0:
         return
     block_m, block_n, num_warps, num_stages = _fwd_config(D, q.dtype, _on_cpu(q))
-    grid = (triton.cdiv(grid_q, block_m), B * Hq)
-    wrap_triton(_attn_fwd_kernel)[grid](
+    wrap_triton(_attn_fwd_kernel)[_grid(grid_q, block_m, B, Hq, varlen)](
         q, k, v, bias, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_bias_strides(bias),
         *_strides3(out, varlen), slb, slh,
-        Sq, Sk, Hq, group, float(scale) * LOG2E,
+        Sq, Sk, B, q.shape[0], Hq, group, float(scale) * LOG2E,
         VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
         TOP_LEFT=bool(causal_top_left), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
         DOT_PREC=_dot_prec(q.dtype), num_warps=num_warps, num_stages=num_stages,
@@ -652,15 +717,13 @@ def attention_bwd(
     dv: Tensor,
 ) -> None:
     """FlashAttention-2 backward into dq, dk, dv (contiguous, shaped and typed as q, k, v). P is
-    recomputed from lse; the bias gets no gradient. Keys past seqused_k get zero dk/dv. Packed
-    rows past cu_seqlens_*[-1] are not written."""
+    recomputed from lse; the bias gets no gradient. Keys past seqused_k get zero dk/dv, and so do
+    packed rows outside every sequence (dq, dk, dv), as in the reference."""
     _check_last_stride(grad_out, q, k, v, out)
     Hq, Hkv, group = _heads(q, k)
     D = q.shape[-1]
     varlen, B, Sq, Sk, grid_q, grid_k, (slb, slh) = _layout(
         q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias)
-    if B == 0 or Hq == 0 or D == 0:
-        return
     cpu = _on_cpu(q)
     bm_kv, bn_kv, bm_q, bn_q, num_warps, num_stages = _bwd_config(D, q.dtype, cpu)
     block_d = _block_d(D)
@@ -671,29 +734,26 @@ def attention_bwd(
     qs, ks, vs = _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen)
     dos = _strides3(grad_out, varlen)
     bs = _bias_strides(bias)
-    if grid_k > 0:
-        # Every key slot is written (zeros where no query reads it), also when there are no queries.
-        grid = (triton.cdiv(grid_k, bn_kv), B * Hkv)
-        delta = torch.empty_like(lse)
-        if grid_q > 0:
-            pre_m = 16 if cpu else max(16, 4096 // block_d)  # ~32 elements of each input per thread
-            wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(grid_q, pre_m), B * Hq)](
-                out, grad_out, delta, cu_seqlens_q, *_strides3(out, varlen), *dos, slb, slh, Sq, Hq,
-                VARLEN=varlen, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, num_warps=4,
-            )
-        wrap_triton(_attn_bwd_dkdv_kernel)[grid](
+    delta = torch.empty_like(lse)  # read only at the query rows of sequences, which it covers
+    if grid_q > 0 and q.numel() > 0:
+        pre_m = 16 if cpu else max(16, 4096 // block_d)  # ~32 elements of each input per thread
+        wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(grid_q, pre_m), B * Hq)](
+            out, grad_out, delta, cu_seqlens_q, *_strides3(out, varlen), *dos, slb, slh, Sq, Hq,
+            VARLEN=varlen, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, num_warps=4,
+        )
+    if k.numel() > 0:
+        # Every key row is written (zeros where no query reads it), also when there are no queries.
+        wrap_triton(_attn_bwd_dkdv_kernel)[_grid(grid_k, bn_kv, B, Hkv, varlen)](
             q, k, v, bias, grad_out, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *qs, *ks, *vs, *bs, *dos, *_strides3(dk, varlen), *_strides3(dv, varlen), slb, slh,
-            Sq, Sk, Hkv, group, float(scale) * LOG2E, float(scale),
+            Sq, Sk, B, k.shape[0], Hkv, group, float(scale) * LOG2E, float(scale),
             BLOCK_M=bm_kv, BLOCK_N=bn_kv, **common,
         )
-    if grid_q > 0:
-        if grid_k == 0:
-            delta = torch.zeros_like(lse)  # no key, so P = 0: dS = 0 * (dP - delta) must not meet garbage
-        wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(grid_q, bm_q), B * Hq)](
+    if q.numel() > 0:
+        wrap_triton(_attn_bwd_dq_kernel)[_grid(grid_q, bm_q, B, Hq, varlen)](
             q, k, v, bias, grad_out, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *qs, *ks, *vs, *bs, *dos, *_strides3(dq, varlen), slb, slh,
-            Sq, Sk, Hq, group, float(scale) * LOG2E, float(scale),
+            Sq, Sk, B, q.shape[0], Hq, group, float(scale) * LOG2E, float(scale),
             BLOCK_M=bm_q, BLOCK_N=bn_q, **common,
         )
 

@@ -13,8 +13,9 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close_2x
+from helpers import assert_close_2x, poisoned_empty
 
+import lmkern
 from lmkern import _ext
 from lmkern.reference import attention as reference
 
@@ -326,6 +327,74 @@ def test_varlen_top_left_causal():
         ref_grads = torch.autograd.grad(ref_out, inputs64, do[sq].double().unsqueeze(0))
         for name, g, r in zip(("dq", "dk", "dv"), (dq[sq], dk[sk], dv[sk]), ref_grads):
             torch.testing.assert_close(g.double(), r[0], atol=2e-6, rtol=1e-5, msg=f"{name} of sequence {b}")
+
+
+def _packed_with_spare_rows(lens_q, lens_k, spare_q, spare_k, lead_q=0, lead_k=0, H=2, D=32):
+    """Packed q, k, v with rows that belong to no sequence: ``lead`` rows before cu_seqlens[0]
+    and ``spare`` rows after cu_seqlens[-1] (what torch.compile lets through unchecked)."""
+    cu_q = (torch.tensor([0] + lens_q, device=DEVICE).cumsum(0) + lead_q).to(torch.int32)
+    cu_k = (torch.tensor([0] + lens_k, device=DEVICE).cumsum(0) + lead_k).to(torch.int32)
+    q = _randn(lead_q + sum(lens_q) + spare_q, H, D, dtype=torch.float32)
+    k = _randn(lead_k + sum(lens_k) + spare_k, H // 2, D, dtype=torch.float32)
+    v = _randn(lead_k + sum(lens_k) + spare_k, H // 2, D, dtype=torch.float32)
+    return q, k, v, cu_q, cu_k
+
+
+def _check_against_reference(out, lse, grads, q, k, v, cu_q, cu_k, do):
+    """out, lse and (dq, dk, dv) against the float64 reference, which gives rows outside every
+    sequence out 0, lse -inf and zero gradients; those must come out exactly so, not as garbage."""
+    inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    lowp_inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+
+    def ref(inputs, upcast=True):
+        return reference.flash_attention(*inputs, causal=True, return_lse=True, cu_seqlens_q=cu_q,
+                                         cu_seqlens_k=cu_k, upcast=upcast)
+
+    ref_out, ref_lse = ref(inputs64)
+    lowp_out, _ = ref(lowp_inputs, upcast=False)
+    assert_close_2x(out, ref_out, lowp_out, "out")
+    check_lse(lse, ref_lse, "lse")
+    check_grads(grads, torch.autograd.grad(ref_out, inputs64, do.double()),
+                torch.autograd.grad(lowp_out, lowp_inputs, do), do, ref_out, inputs64, 1 / math.sqrt(q.shape[-1]))
+    dq, dk, dv = grads
+    for what, x, cu in (("out", out, cu_q), ("dq", dq, cu_q), ("dk", dk, cu_k), ("dv", dv, cu_k)):
+        spare = torch.cat([x[: cu[0]], x[cu[-1]:]])
+        assert torch.equal(spare, torch.zeros_like(spare)), f"{what}: rows outside every sequence are not 0"
+    assert torch.isneginf(torch.cat([lse[:, : cu_q[0]], lse[:, cu_q[-1]:]], 1)).all()
+
+
+def test_varlen_rows_outside_every_sequence():
+    """Packed rows before cu_seqlens[0] and after cu_seqlens[-1] (query and key side), more of
+    them than max_seqlen covers: the launchers write out 0, lse -inf and zero dq/dk/dv there, and
+    the sequences are unaffected."""
+    lens_q, lens_k = [5, 0, 13], [9, 4, 21]
+    q, k, v, cu_q, cu_k = _packed_with_spare_rows(lens_q, lens_k, spare_q=40, spare_k=35, lead_q=3, lead_k=2)
+    max_q, max_k = max(lens_q), max(lens_k)  # tiles cover 16 rows: the 40 spare rows take 3 strides
+    out, lse = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
+    do = _randn(*q.shape, dtype=torch.float32)
+    grads = run_bwd(do, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
+    _check_against_reference(out, lse, grads, q, k, v, cu_q, cu_k, do)
+
+
+def test_varlen_spare_rows_under_compile():
+    """Under torch.compile lmkern.flash_attention skips its host check that cu_seqlens[-1] is the
+    number of packed rows; the Triton backend still agrees with the reference on the rows past it
+    (forward and backward, fresh outputs poisoned with NaN). aot_eager: the Triton op is opaque
+    to Inductor on CPU tensors, so Inductor's codegen would add run time, not coverage."""
+    torch._dynamo.reset()
+    q, k, v, cu_q, cu_k = _packed_with_spare_rows([11, 6], [7, 20], spare_q=21, spare_k=5)
+
+    def attend(q, k, v, cu_q, cu_k):
+        return lmkern.flash_attention(q, k, v, causal=True, return_lse=True, cu_seqlens_q=cu_q,
+                                      cu_seqlens_k=cu_k, backend="triton")
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    do = _randn(*q.shape, dtype=torch.float32)
+    with poisoned_empty():
+        out, lse = compiled(*inputs, cu_q, cu_k)
+        grads = torch.autograd.grad(out, inputs, do)
+    _check_against_reference(out.detach(), lse.detach(), grads, q, k, v, cu_q, cu_k, do)
 
 
 # ----------------------------------------------------------------------------- decode
