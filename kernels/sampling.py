@@ -107,6 +107,58 @@ def _online_row_stats(x, cols, V, xmax, sumexp, imax, t):
 
 
 @triton.jit
+def _pivot_counts(
+    X, rows64, stride_x, col_start, col_end, t_col, zmax, todo, lo, step, floor_key, frac_scale,
+    BY_MASS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, RADIX_BITS: tl.constexpr,
+):
+    """One search level over columns [col_start, col_end): per row and pivot lo + j * step
+    (j < 2^RADIX_BITS), the number of tokens (and, BY_MASS, their fixed-point mass) with
+    key >= max(pivot, floor_key) ([BLOCK_B, 2^RADIX_BITS] int32 counts, int64 masses). Rows that
+    are not `todo` count nothing. Integer sums: any split of the columns adds up to the same."""
+    R: tl.constexpr = 1 << RADIX_BITS
+    j = tl.arange(0, R).to(tl.int64)
+    pivots = lo[:, None] + j[None, :] * step  # [BLOCK_B, R]; pivot 0 is lo, known to qualify
+    counts = tl.zeros([BLOCK_B, R], dtype=tl.int32)
+    masses = tl.zeros([BLOCK_B, R], dtype=tl.int64)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = todo[:, None] & (cols < col_end)[None, :]
+        z = _load_z(X, rows64, stride_x, cols, mask, t_col)
+        key = _ordered_key(z)
+        if BY_MASS:
+            mask = mask & (key >= floor_key[:, None])
+        ge = (key[:, None, :] >= pivots[:, :, None]) & mask[:, None, :]  # [BLOCK_B, R, BLOCK_V]
+        counts += tl.sum(ge.to(tl.int32), axis=2)
+        if BY_MASS:
+            mass = _fixed_mass(z, zmax[:, None], frac_scale)
+            masses += tl.sum(tl.where(ge, mass[:, None, :], 0), axis=2)
+    return counts, masses
+
+
+@triton.jit
+def _pick_bucket(counts, quantity, need, lo, count_above, todo, step, BY_MASS: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Given a level's whole-row counts and quantity (counts, or masses BY_MASS) per pivot
+    lo + j * step: the rows still `todo` move lo to the highest pivot whose quantity reaches
+    `need`; returns (lo, count_above, todo) for the next level, where count_above counts the
+    tokens at or above the end of lo's bucket and todo drops the rows whose answer is fixed."""
+    R: tl.constexpr = 1 << RADIX_BITS
+    j = tl.arange(0, R).to(tl.int64)
+    best = tl.max(tl.where(quantity >= need[:, None], j[None, :], 0), axis=1)  # [BLOCK_B]
+    at_best = tl.sum(tl.where(j[None, :] == best[:, None], counts, 0), axis=1)
+    after = tl.sum(tl.where(j[None, :] == best[:, None] + 1, counts, 0), axis=1)
+    after = tl.where(best == R - 1, count_above, after)
+    quantity_at_best = tl.sum(tl.where(j[None, :] == best[:, None], quantity, 0), axis=1)
+    # Done once {key >= new lo} is the answer: one token left in the bucket, or (top-k)
+    # exactly `need` tokens at or above it.
+    exact = at_best - after <= 1
+    if not BY_MASS:
+        exact = exact | (quantity_at_best == need)
+    lo = tl.where(todo, lo + best * step, lo)
+    count_above = tl.where(todo, after, count_above)
+    return lo, count_above, todo & ~exact
+
+
+@triton.jit
 def _threshold_search(
     X, rows64, stride_x, V, t_col, zmax, active, need, floor_key, frac_scale,
     BY_MASS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, RADIX_BITS: tl.constexpr,
@@ -115,8 +167,6 @@ def _threshold_search(
     the tokens with key >= max(t, floor_key). Q only changes at keys present in the row, so t is one
     of them, and {key >= t} is the filter's survivor set. Requires Q(0) >= need (the caller
     guarantees it). Inactive rows return 0 (keep everything)."""
-    R: tl.constexpr = 1 << RADIX_BITS
-    j = tl.arange(0, R).to(tl.int64)
     lo = tl.zeros([BLOCK_B], dtype=tl.int64)
     count_above = tl.zeros([BLOCK_B], dtype=tl.int32)  # tokens with key >= lo + span
     todo = active
@@ -125,40 +175,114 @@ def _threshold_search(
     # compile time on a GPU) by 32 / RADIX_BITS.
     for level in range(32 // RADIX_BITS):
         if tl.max(todo.to(tl.int32), axis=0) > 0:
-            pivots = lo[:, None] + j[None, :] * step  # [BLOCK_B, R]; pivot 0 is lo, known to qualify
-            counts = tl.zeros([BLOCK_B, R], dtype=tl.int32)
-            masses = tl.zeros([BLOCK_B, R], dtype=tl.int64)
-            for start in range(0, V, BLOCK_V):
-                cols = start + tl.arange(0, BLOCK_V)
-                mask = todo[:, None] & (cols < V)[None, :]
-                z = _load_z(X, rows64, stride_x, cols, mask, t_col)
-                key = _ordered_key(z)
-                if BY_MASS:
-                    mask = mask & (key >= floor_key[:, None])
-                ge = (key[:, None, :] >= pivots[:, :, None]) & mask[:, None, :]  # [BLOCK_B, R, BLOCK_V]
-                counts += tl.sum(ge.to(tl.int32), axis=2)
-                if BY_MASS:
-                    mass = _fixed_mass(z, zmax[:, None], frac_scale)
-                    masses += tl.sum(tl.where(ge, mass[:, None, :], 0), axis=2)
-            if BY_MASS:
-                quantity = masses
-            else:
-                quantity = counts
-            best = tl.max(tl.where(quantity >= need[:, None], j[None, :], 0), axis=1)  # [BLOCK_B]
-            at_best = tl.sum(tl.where(j[None, :] == best[:, None], counts, 0), axis=1)
-            after = tl.sum(tl.where(j[None, :] == best[:, None] + 1, counts, 0), axis=1)
-            after = tl.where(best == R - 1, count_above, after)
-            quantity_at_best = tl.sum(tl.where(j[None, :] == best[:, None], quantity, 0), axis=1)
-            # Done once {key >= new lo} is the answer: one token left in the bucket, or (top-k)
-            # exactly `need` tokens at or above it.
-            exact = at_best - after <= 1
-            if not BY_MASS:
-                exact = exact | (quantity_at_best == need)
-            lo = tl.where(todo, lo + best * step, lo)
-            count_above = tl.where(todo, after, count_above)
-            todo = todo & ~exact
+            counts, masses = _pivot_counts(
+                X, rows64, stride_x, 0, V, t_col, zmax, todo, lo, step, floor_key, frac_scale,
+                BY_MASS, BLOCK_B, BLOCK_V, RADIX_BITS,
+            )
+            quantity = masses if BY_MASS else counts
+            lo, count_above, todo = _pick_bucket(counts, quantity, need, lo, count_above, todo, step, BY_MASS, RADIX_BITS)
         step = step >> RADIX_BITS
     return lo
+
+
+@triton.jit
+def _top_p_need(p, total):
+    """ceil(p * total) in fixed point, at least 1 (the most likely token always survives)."""
+    goal = p.to(tl.float64) * total.to(tl.float64)
+    need = goal.to(tl.int64)
+    need = need + (need.to(tl.float64) < goal).to(tl.int64)  # ceil
+    return tl.maximum(need, 1)
+
+
+@triton.jit
+def _sample_params(
+    rows, rows64, row_in, temperature, top_k, top_p, min_p, seed, Temps, TopKs, TopPs, MinPs, Seeds,
+    HAS_TEMPS: tl.constexpr, HAS_TOPKS: tl.constexpr, HAS_TOPPS: tl.constexpr, HAS_MINPS: tl.constexpr,
+    HAS_SEEDS: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Per row: temperature, top_k, top_p, min_p, Philox key and Philox stream."""
+    T = _row_param(Temps, rows64, row_in, temperature, 1.0, HAS_TEMPS, tl.float32, BLOCK_B)
+    k = _row_param(TopKs, rows64, row_in, top_k, 0, HAS_TOPKS, tl.int64, BLOCK_B)
+    p = _row_param(TopPs, rows64, row_in, top_p, 1.0, HAS_TOPPS, tl.float32, BLOCK_B)
+    m = _row_param(MinPs, rows64, row_in, min_p, 0.0, HAS_MINPS, tl.float32, BLOCK_B)
+    row_seed = _row_param(Seeds, rows64, row_in, seed, 0, HAS_SEEDS, tl.int64, BLOCK_B)
+    # per-row seeds: stream 0 (the draw depends on the row's own key only); else the row index
+    stream = tl.zeros([BLOCK_B], dtype=tl.uint32) if HAS_SEEDS else rows.to(tl.uint32)
+    return T, k, p, m, row_seed, stream
+
+
+@triton.jit
+def _pass_a(X, rows64, row_in, stride_x, col_start, col_end, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Over columns [col_start, col_end) of the raw logits: max, sum of exp(x - max), first argmax
+    and a flag for NaN / +inf."""
+    ones = tl.full([BLOCK_B], 1.0, tl.float32)
+    xmax = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    sumexp = tl.zeros([BLOCK_B], dtype=tl.float32)
+    imax = tl.full([BLOCK_B], 0, tl.int64)
+    bad = tl.zeros([BLOCK_B], dtype=tl.int1)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = row_in[:, None] & (cols < col_end)[None, :]
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        bad = bad | (tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=1) > 0)
+        x = tl.where(x == x, x, float("-inf"))  # NaN rows are invalid; keep the max NaN-free
+        xmax, sumexp, imax = _online_row_stats(x, cols, col_end, xmax, sumexp, imax, ones)
+    return xmax, sumexp, imax, bad
+
+
+@triton.jit
+def _row_validity(row_in, bad, xmax, T):
+    """(valid, greedy, drawing, T for the draw, z_max). Invalid: NaN / +inf logits, no finite
+    logit, or a temperature that is not finite and >= 0."""
+    valid = row_in & ~bad & (xmax > float("-inf")) & (T >= 0) & (T < float("inf"))
+    greedy = T == 0
+    drawing = valid & ~greedy
+    t_draw = tl.where(drawing, T, 1.0)
+    zmax = tl.where(drawing, xmax / t_draw, 0.0)  # division by T > 0 keeps the order
+    return valid, greedy, drawing, t_draw, zmax
+
+
+@triton.jit
+def _race(
+    X, rows64, stride_x, col_start, col_end, t_col, zmax, drawing, floor_key, m, row_seed, stream, best_id,
+    ANY_MIN_P: tl.constexpr, GUMBEL_MAX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """The race over the survivors in columns [col_start, col_end): per row the largest key
+    z - log(-log(u)) and its first index (key -inf and the given best_id: no survivor there)."""
+    best_key = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = drawing[:, None] & (cols < col_end)[None, :]
+        z = _load_z(X, rows64, stride_x, cols, mask, t_col)
+        # A token whose z plus the largest possible noise stays below the best key cannot win; the
+        # margin scales with |z| so that fp32 rounding of the key cannot defeat the bound.
+        contender = mask & (z + GUMBEL_MAX + tl.abs(z) * 1e-6 >= best_key[:, None])
+        contender = contender & (z > float("-inf")) & (_ordered_key(z) >= floor_key[:, None])
+        if ANY_MIN_P:
+            contender = contender & ((m[:, None] <= 0) | (tl.exp(z - zmax[:, None]) >= m[:, None]))
+        if tl.max(tl.max(contender.to(tl.int32), axis=1), axis=0) > 0:
+            c0 = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.uint32) + cols[None, :].to(tl.uint32)
+            c1 = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.uint32) + stream[:, None]
+            zero = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.uint32)
+            word, _, _, _ = tl.philox(row_seed[:, None], c0, c1, zero, zero)
+            u = (((word >> 9) << 1) | 1).to(tl.float32) * 5.9604644775390625e-08  # (0, 1), as philox.h
+            race = tl.where(contender, z - tl.log(-tl.log(u)), float("-inf"))
+            tile_best = tl.max(race, axis=1)
+            tile_id = tl.min(tl.where(contender & (race == tile_best[:, None]), cols[None, :], col_end), axis=1)
+            better = tile_best > best_key  # strict: earlier tiles win ties (first index)
+            best_id = tl.where(better, tile_id.to(tl.int64), best_id)
+            best_key = tl.where(better, tile_best, best_key)
+    return best_key, best_id
+
+
+@triton.jit
+def _store_result(X, rows64, stride_x, row_in, valid, ids, xmax, sumexp, Ids, Logprobs, NEED_LOGPROBS: tl.constexpr):
+    """ids (-1 for invalid rows) and logprob = log_softmax(x)[id] = x[id] - max - log(sum)."""
+    tl.store(Ids + rows64, tl.where(valid, ids, -1), mask=row_in)
+    if NEED_LOGPROBS:
+        x_id = tl.load(X + rows64 * stride_x + ids, mask=valid, other=0.0).to(tl.float32)
+        logprob = x_id - xmax - tl.log(sumexp)
+        tl.store(Logprobs + rows64, tl.where(valid, logprob, float("nan")), mask=row_in)
 
 
 # ----------------------------------------------------------------------------- sample
@@ -178,36 +302,15 @@ def _sample_kernel(
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_in = rows < B
     rows64 = rows.to(tl.int64)
-    cols0 = tl.arange(0, BLOCK_V)
-
-    T = _row_param(Temps, rows64, row_in, temperature, 1.0, HAS_TEMPS, tl.float32, BLOCK_B)
-    k = _row_param(TopKs, rows64, row_in, top_k, 0, HAS_TOPKS, tl.int64, BLOCK_B)
-    p = _row_param(TopPs, rows64, row_in, top_p, 1.0, HAS_TOPPS, tl.float32, BLOCK_B)
-    m = _row_param(MinPs, rows64, row_in, min_p, 0.0, HAS_MINPS, tl.float32, BLOCK_B)
-    row_seed = _row_param(Seeds, rows64, row_in, seed, 0, HAS_SEEDS, tl.int64, BLOCK_B)
-    # per-row seeds: stream 0 (the draw depends on the row's own key only); else the row index
-    stream = tl.zeros([BLOCK_B], dtype=tl.uint32) if HAS_SEEDS else rows.to(tl.uint32)
+    T, k, p, m, row_seed, stream = _sample_params(
+        rows, rows64, row_in, temperature, top_k, top_p, min_p, seed, Temps, TopKs, TopPs, MinPs, Seeds,
+        HAS_TEMPS, HAS_TOPKS, HAS_TOPPS, HAS_MINPS, HAS_SEEDS, BLOCK_B,
+    )
 
     # Pass A: validity, max, first argmax, sum of exp(x - max) of the raw logits.
-    ones = tl.full([BLOCK_B], 1.0, tl.float32)
-    xmax = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    sumexp = tl.zeros([BLOCK_B], dtype=tl.float32)
-    imax = tl.full([BLOCK_B], 0, tl.int64)
-    bad = tl.zeros([BLOCK_B], dtype=tl.int1)
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        mask = row_in[:, None] & (cols < V)[None, :]
-        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        bad = bad | (tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=1) > 0)
-        x = tl.where(x == x, x, float("-inf"))  # NaN rows are invalid; keep the max NaN-free
-        xmax, sumexp, imax = _online_row_stats(x, cols, V, xmax, sumexp, imax, ones)
-    # Invalid: NaN / +inf logits, no finite logit, or a temperature that is not finite and >= 0.
-    valid = row_in & ~bad & (xmax > float("-inf")) & (T >= 0) & (T < float("inf"))
-    greedy = T == 0
-    drawing = valid & ~greedy
-    t_draw = tl.where(drawing, T, 1.0)
+    xmax, sumexp, imax, bad = _pass_a(X, rows64, row_in, stride_x, 0, V, BLOCK_B, BLOCK_V)
+    valid, greedy, drawing, t_draw, zmax = _row_validity(row_in, bad, xmax, T)
     t_col = t_draw[:, None]
-    zmax = tl.where(drawing, xmax / t_draw, 0.0)  # division by T > 0 keeps the order
 
     # top-k: keep key >= the k-th largest key.
     top_k_key = tl.zeros([BLOCK_B], dtype=tl.int64)
@@ -224,53 +327,22 @@ def _sample_kernel(
         p_active = drawing & (p < 1.0)
         total = tl.zeros([BLOCK_B], dtype=tl.int64)
         for start in range(0, V, BLOCK_V):
-            cols = start + cols0
+            cols = start + tl.arange(0, BLOCK_V)
             mask = p_active[:, None] & (cols < V)[None, :]
             z = _load_z(X, rows64, stride_x, cols, mask, t_col)
             mask = mask & (_ordered_key(z) >= top_k_key[:, None])
             total += tl.sum(tl.where(mask, _fixed_mass(z, zmax[:, None], frac_scale), 0), axis=1)
-        goal = p.to(tl.float64) * total.to(tl.float64)
-        need = goal.to(tl.int64)
-        need = need + (need.to(tl.float64) < goal).to(tl.int64)  # ceil
-        need = tl.maximum(need, 1)
         top_p_key = _threshold_search(
-            X, rows64, stride_x, V, t_col, zmax, p_active, need, top_k_key, frac_scale,
+            X, rows64, stride_x, V, t_col, zmax, p_active, _top_p_need(p, total), top_k_key, frac_scale,
             True, BLOCK_B, BLOCK_V, RADIX_BITS,
         )
-    floor_key = tl.maximum(top_k_key, top_p_key)
 
-    # The race over the survivors.
-    best_key = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    best_id = imax
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        mask = drawing[:, None] & (cols < V)[None, :]
-        z = _load_z(X, rows64, stride_x, cols, mask, t_col)
-        # A token whose z plus the largest possible noise stays below the best key cannot win; the
-        # margin scales with |z| so that fp32 rounding of the key cannot defeat the bound.
-        contender = mask & (z + GUMBEL_MAX + tl.abs(z) * 1e-6 >= best_key[:, None])
-        contender = contender & (z > float("-inf")) & (_ordered_key(z) >= floor_key[:, None])
-        if ANY_MIN_P:
-            contender = contender & ((m[:, None] <= 0) | (tl.exp(z - zmax[:, None]) >= m[:, None]))
-        if tl.max(tl.max(contender.to(tl.int32), axis=1), axis=0) > 0:
-            c0 = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.uint32) + cols[None, :].to(tl.uint32)
-            c1 = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.uint32) + stream[:, None]
-            zero = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.uint32)
-            word, _, _, _ = tl.philox(row_seed[:, None], c0, c1, zero, zero)
-            u = (((word >> 9) << 1) | 1).to(tl.float32) * 5.9604644775390625e-08  # (0, 1), as philox.h
-            race = tl.where(contender, z - tl.log(-tl.log(u)), float("-inf"))
-            tile_best = tl.max(race, axis=1)
-            tile_id = tl.min(tl.where(contender & (race == tile_best[:, None]), cols[None, :], V), axis=1)
-            better = tile_best > best_key  # strict: earlier tiles win ties (first index)
-            best_id = tl.where(better, tile_id.to(tl.int64), best_id)
-            best_key = tl.where(better, tile_best, best_key)
-
+    _, best_id = _race(
+        X, rows64, stride_x, 0, V, t_col, zmax, drawing, tl.maximum(top_k_key, top_p_key), m, row_seed, stream,
+        imax, ANY_MIN_P, GUMBEL_MAX, BLOCK_B, BLOCK_V,
+    )
     ids = tl.where(greedy, imax, best_id)
-    tl.store(Ids + rows64, tl.where(valid, ids, -1), mask=row_in)
-    if NEED_LOGPROBS:
-        x_id = tl.load(X + rows64 * stride_x + ids, mask=valid, other=0.0).to(tl.float32)
-        logprob = x_id - xmax - tl.log(sumexp)
-        tl.store(Logprobs + rows64, tl.where(valid, logprob, float("nan")), mask=row_in)
+    _store_result(X, rows64, stride_x, row_in, valid, ids, xmax, sumexp, Ids, Logprobs, NEED_LOGPROBS)
 
 
 # ----------------------------------------------------------------------------- softmax
