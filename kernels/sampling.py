@@ -411,6 +411,23 @@ def _split_row_state(Work, rows64, row_in, B, T):
 
 
 @triton.jit
+def _split_program(
+    B, V, CHUNK, temperature, top_k, top_p, min_p, seed, Temps, TopKs, TopPs, MinPs, Seeds, Work,
+    HAS_TEMPS: tl.constexpr, HAS_TOPKS: tl.constexpr, HAS_TOPPS: tl.constexpr, HAS_MINPS: tl.constexpr,
+    HAS_SEEDS: tl.constexpr,
+):
+    """What a program after pass A starts from: its row (int64), its columns, the row's top_k,
+    top_p, min_p, Philox key and stream, and drawing, T for the draw and z_max."""
+    rows, row_in, rows64, col_start, col_end = _split_row(B, V, CHUNK)
+    T, k, p, m, row_seed, stream = _sample_params(
+        rows, rows64, row_in, temperature, top_k, top_p, min_p, seed, Temps, TopKs, TopPs, MinPs, Seeds,
+        HAS_TEMPS, HAS_TOPKS, HAS_TOPPS, HAS_MINPS, HAS_SEEDS, 1,
+    )
+    _, _, _, _, drawing, t_draw, zmax = _split_row_state(Work, rows64, row_in, B, T)
+    return rows64, col_start, col_end, k, p, m, row_seed, stream, drawing, t_draw, zmax
+
+
+@triton.jit
 def _split_hist(Work, B, rows64, FILTER: tl.constexpr, RADIX_BITS: tl.constexpr):
     """Pointer to the row's level-0 counts of FILTER (0: top-k, 1: top-p); level l is at
     + l * B * 2^(RADIX_BITS + 1), masses at + 2^RADIX_BITS."""
@@ -526,12 +543,10 @@ def _split_search_kernel(
     """Counts level `level` of the top-k search (BY_MASS: of the top-p search, after every top-k
     level) over this split's columns."""
     LEVELS: tl.constexpr = 32 // RADIX_BITS
-    rows, row_in, rows64, col_start, col_end = _split_row(B, V, CHUNK)
-    T, k, p, _, _, _ = _sample_params(
-        rows, rows64, row_in, temperature, top_k, top_p, min_p, seed, Temps, TopKs, TopPs, MinPs, Seeds,
-        HAS_TEMPS, HAS_TOPKS, HAS_TOPPS, HAS_MINPS, HAS_SEEDS, 1,
+    rows64, col_start, col_end, k, p, _, _, _, drawing, t_draw, zmax = _split_program(
+        B, V, CHUNK, temperature, top_k, top_p, min_p, seed, Temps, TopKs, TopPs, MinPs, Seeds, Work,
+        HAS_TEMPS, HAS_TOPKS, HAS_TOPPS, HAS_MINPS, HAS_SEEDS,
     )
-    _, _, _, _, drawing, t_draw, zmax = _split_row_state(Work, rows64, row_in, B, T)
     if BY_MASS:
         floor_key, lo, todo, step = _split_thresholds(
             Work, B, V, rows64, k, p, drawing, LEVELS, level, ANY_TOP_K, True, RADIX_BITS
@@ -558,12 +573,10 @@ def _split_race_kernel(
     GUMBEL_MAX: tl.constexpr, BLOCK_V: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
     LEVELS: tl.constexpr = 32 // RADIX_BITS
-    rows, row_in, rows64, col_start, col_end = _split_row(B, V, CHUNK)
-    T, k, p, m, row_seed, stream = _sample_params(
-        rows, rows64, row_in, temperature, top_k, top_p, min_p, seed, Temps, TopKs, TopPs, MinPs, Seeds,
-        HAS_TEMPS, HAS_TOPKS, HAS_TOPPS, HAS_MINPS, HAS_SEEDS, 1,
+    rows64, col_start, col_end, k, p, m, row_seed, stream, drawing, t_draw, zmax = _split_program(
+        B, V, CHUNK, temperature, top_k, top_p, min_p, seed, Temps, TopKs, TopPs, MinPs, Seeds, Work,
+        HAS_TEMPS, HAS_TOPKS, HAS_TOPPS, HAS_MINPS, HAS_SEEDS,
     )
-    _, _, _, _, drawing, t_draw, zmax = _split_row_state(Work, rows64, row_in, B, T)
     top_k_key, top_p_key, _, _ = _split_thresholds(
         Work, B, V, rows64, k, p, drawing, LEVELS, LEVELS, ANY_TOP_K, ANY_TOP_P, RADIX_BITS
     )

@@ -1,7 +1,9 @@
 """The Triton sampling kernels' tile shapes, which the backend-parametrized suite (test_sampling.py)
 cannot reach on the interpreter: its tiles there hold whole rows up to V = 65536. Shrinking the
 tiles makes every row span several tiles (and several rows share one), so the looped passes, the
-tile-skipping race and the multi-level threshold search all run on small inputs."""
+tile-skipping race and the multi-level threshold search all run on small inputs. Likewise the
+split-row path (several programs per row), which the launcher only chooses on a GPU, is forced
+here with SAMPLE_SPLITS."""
 
 from __future__ import annotations
 
