@@ -62,7 +62,8 @@ def _arg_type(value) -> str:
     raise TypeError(f"no Triton type for {value!r}")
 
 
-def compile_launch(kernel, args: tuple, kwargs: dict, arch: int):
+def launch_spec(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, options) of a recorded launch: what its compiled binary depends on."""
     names = kernel.arg_names
     values = dict(zip(names, args))
     values.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
@@ -74,7 +75,11 @@ def compile_launch(kernel, args: tuple, kwargs: dict, arch: int):
             constexprs[param.name] = value
         else:
             signature[param.name] = _arg_type(value)
-    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+    return signature, constexprs, {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict, arch: int):
+    signature, constexprs, options = launch_spec(kernel, args, kwargs)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -115,6 +120,11 @@ def record_launches() -> None:
         triton_sampling.sample(logits, 0.8, 50, 0.9, 0.0, None, None, None, None, 2**40, None, rows(B, torch.int64), None)
         label(f"softmax {dtype} V={V}")
         triton_sampling.softmax(logits, 0.7, None, torch.empty(B, V, dtype=torch.float32, **meta))
+    B, V = 2, 128256  # the split path: every launch of one call (its search levels compile once)
+    label(f"sample split rows bf16 V={V}, every filter per row")
+    triton_sampling.sample(torch.empty(B, V, dtype=torch.bfloat16, **meta), 1.0, 0, 1.0, 0.0, rows(B, torch.float32),
+                           rows(B, torch.int64), rows(B, torch.float32), rows(B, torch.float32), 0,
+                           rows(B, torch.int64), rows(B, torch.int64), rows(B, torch.float32), splits=16)
 
     record_attention(label, meta)
 
@@ -189,7 +199,12 @@ def ptxas_usage(compiled, arch: int) -> str:
 
 def main(arch: int, regs: bool = False) -> int:
     record_launches()
+    seen = set()
     for text, kernel, args, kwargs in recorded:
+        spec = (text, kernel, repr(launch_spec(kernel, args, kwargs)))
+        if spec in seen:  # the same binary again (launches that differ only in runtime scalars)
+            continue
+        seen.add(spec)
         compiled = compile_launch(kernel, args, kwargs, arch)
         meta = compiled.metadata
         usage = ptxas_usage(compiled, arch) if regs else ""
