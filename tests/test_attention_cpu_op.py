@@ -215,10 +215,15 @@ def test_nan_propagates():
     q, k, v = torch.randn(1, 20, 2, 32), torch.randn(1, 30, 2, 32), torch.randn(1, 30, 2, 32)
     q[0, 3, 1, 5] = float("nan")
     v[0, 11, 0, 2] = float("nan")
-    out, _ = op(q, k, v)
+    out, lse = op(q, k, v)
     assert out[0, 3, 1].isnan().all()
     assert out[0, :, 0, 2].isnan().all() and not out[0, :, 0, 3].isnan().any()
     assert not out[0, 4, 1].isnan().any()
+    # a NaN score makes the lse NaN, not -inf (which would say the row saw no key), as in the
+    # reference; a NaN value leaves it finite
+    ref_lse = dense_reference(q, k, v)[1]
+    assert lse[0, 1, 3].isnan() and ref_lse[0, 1, 3].isnan()
+    assert torch.isfinite(lse[0, 0]).all() and torch.isfinite(ref_lse[0, 0]).all()
 
 
 def test_bad_inputs():

@@ -132,7 +132,7 @@ def _sequence_backward(grad_out, grad_lse, q, k, v, out, lse, bias, causal_offse
             query_pos = torch.arange(i0, i1, device=q.device)
             s = s.masked_fill(key_pos[None, :n] > query_pos[:, None] + causal_offset, float("-inf"))
         l = lse4[:, :, i0:i1, None]
-        live = torch.isfinite(l)  # lse -inf: the row saw no key and has no gradient
+        live = l != float("-inf")  # lse -inf: the row saw no key and has no gradient (NaN stays NaN)
         p = torch.where(live, torch.exp(s - torch.where(live, l, torch.zeros_like(l))), torch.zeros_like(s))
         dv[:, :n] += torch.einsum("hgij,hgid->hjd", p, do_blk)
         ds = p * (torch.einsum("hgid,hjd->hgij", do_blk, v_blk) - delta[:, :, i0:i1, None])
