@@ -54,6 +54,17 @@ TORCH_LIBRARY(lmkern, m) {
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, Tensor? seqused_k, SymInt max_seqlen_q, SymInt max_seqlen_k, "
       "bool causal, bool causal_top_left, float scale) -> (Tensor out, Tensor lse)");
+  // Gradients of attention_fwd's (out, lse) with respect to q, k, v, for the same arguments
+  // (whatever attention_fwd takes, this takes), given out and lse as it returned them: grad_out
+  // (q's shape and dtype, unit stride in the last dim) and optionally grad_lse (lse's shape,
+  // fp32). Returns dq, dk, dv in q's dtype, contiguous, in q's/k's/v's shapes; with GQA dk and
+  // dv sum over each group's query heads. The bias gets no gradient. Rows whose lse is -inf
+  // (no visible key) give and get zero gradient; keys past seqused_k get zero gradient.
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor lse, Tensor? bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "Tensor? seqused_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, "
+      "bool causal_top_left, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Decoding against a KV cache (few queries, long cache): q (B, Sq, Hq, D), caches
   // (B, Smax, Hkv, D), cache_seqlens int32 (B,); causal bottom-right within each row's prefix.
   // num_splits: how many parts each row's keys are split into (0 = the kernel's heuristic).

@@ -34,6 +34,23 @@ def bottom_right(Sq, Sk):
     return lambda i, j: j <= i + Sk - Sq
 
 
+def _max_row_norm(t):
+    """The largest norm of t's last-dim rows, leaving out NaN entries (cache slots never read)."""
+    t = t.detach().double()
+    return torch.where(t.isnan(), 0, t).norm(dim=-1).max().item() if t.numel() else 0.0
+
+
+def grad_term_scale(grad_out, q, k, v, grad_lse=None):
+    """The size of the terms float32 rounds and cancels in attention's input gradients (the
+    term_scale of helpers.assert_close_2x): dq = scale * sum_j P_ij (dP_ij - delta_i) k_j cancels
+    terms of about |dO| |v| |k| scale, dk likewise with q, plus |dlse| |k| scale with a gradient
+    on the lse; scale = 1 / sqrt(head_dim)."""
+    g = grad_out.abs().max().item() if grad_out.numel() else 0.0
+    gl = grad_lse.abs().max().item() if grad_lse is not None and grad_lse.numel() else 0.0
+    qk = max(_max_row_norm(q), _max_row_norm(k)) / q.shape[-1] ** 0.5
+    return g * (_max_row_norm(v) * qk + 1) + gl * qk
+
+
 def torch_sdpa64(q, k, v, **kw):
     return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
 

@@ -67,10 +67,11 @@ LMKERN_INLINE void prefetch_rows(const T* src, int64_t ld, int n, int64_t bytes)
       __builtin_prefetch(reinterpret_cast<const char*>(src) + b);
 }
 
-// Converts n rows of D elements (row stride ld_src) to contiguous fp32 rows of D.
+// Converts n rows of D elements (row stride ld_src) to fp32 rows of D (row stride ld_dst).
 template <class T>
-LMKERN_INLINE void rows_to_fp32(const T* src, int64_t ld_src, int n, int64_t D, float* dst) {
-  for (int j = 0; j < n; ++j, src += ld_src, dst += D) {
+LMKERN_INLINE void rows_to_fp32(const T* src, int64_t ld_src, int n, int64_t D, float* dst,
+                                int64_t ld_dst) {
+  for (int j = 0; j < n; ++j, src += ld_src, dst += ld_dst) {
     int64_t d = 0;
     for (; d + L <= D; d += L) Isa::store(dst + d, Isa::load(src + d));
     if (d < D) Isa::store(dst + d, Isa::load(src + d, D - d), D - d);
@@ -242,10 +243,10 @@ void run_item(const AttnItemView& w, float* scratch) {
     const T* v = static_cast<const T*>(w.v_row(j0));
     // The next block is fetched while this one is computed.
     const int ahead = static_cast<int>(std::clamp<int64_t>(keys - j0 - nb, 0, BN));
-    prefetch_rows(k + nb * w.k_tok, w.k_tok, ahead, D * static_cast<int64_t>(sizeof(T)));
-    prefetch_rows(v + nb * w.v_tok, w.v_tok, ahead, D * static_cast<int64_t>(sizeof(T)));
-    rows_to_fp32(k, w.k_tok, nb, D, kf);
-    rows_to_fp32(v, w.v_tok, nb, D, vf);
+    prefetch_rows(k + nb * w.k.tok, w.k.tok, ahead, D * static_cast<int64_t>(sizeof(T)));
+    prefetch_rows(v + nb * w.v.tok, w.v.tok, ahead, D * static_cast<int64_t>(sizeof(T)));
+    rows_to_fp32(k, w.k.tok, nb, D, kf, D);
+    rows_to_fp32(v, w.v.tok, nb, D, vf, D);
     for (int c0 = 0; c0 < Rl; c0 += CW) {
       const int lanes = std::min(CW, Rl - c0);
       const int last = std::min(c0 + lanes, R_) - 1;

@@ -1,6 +1,6 @@
 """Attention ops: scaled_dot_product_attention, flash_attention, attention_with_kvcache.
 
-Every kernel backend implements two kernel-level ops, and this module maps the three public
+Every kernel backend implements these kernel-level ops, and this module maps the three public
 functions onto them (lmkern.functional validates and normalizes the user's arguments first;
 scales arrive resolved to a float):
 
@@ -11,24 +11,29 @@ scales arrive resolved to a float):
   additive ``bias`` viewed as (B, Hq, Sq, Sk) (broadcast strides allowed); ``seqused_k`` per-row
   key counts (KV caches); causal aligned to the bottom right, or the top left (torch's sdpa).
   fp32 lse, -inf on rows that see no key (whose output is zeros).
+* ``attention_bwd(grad_out, grad_lse, q, k, v, out, lse, <attention_fwd's arguments>) -> (dq,
+  dk, dv)``: the gradients, recomputing the probabilities from the saved lse (never an (Sq, Sk)
+  matrix); ``grad_lse`` (optional) is the gradient flowing into the returned lse.
 * ``attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, num_splits) -> (out,
   lse)``: split-KV decoding over a cache (few queries, long cache); inference only.
 
 Per backend:
 
-* cpu, cuda: ``lmkern::attention_fwd`` / ``lmkern::attention_decode`` (schemas in
-  csrc/registration.cpp, kernels registered per dispatch key by lmkern._C: csrc/cpu,
-  csrc/cuda). The schema alone does not make a backend: each says "not built" unless lmkern._C
-  holds a kernel for its dispatch key.
+* cpu, cuda: ``lmkern::attention_fwd`` / ``lmkern::attention_bwd`` / ``lmkern::attention_decode``
+  (schemas in csrc/registration.cpp, kernels registered per dispatch key by lmkern._C:
+  csrc/cpu has fwd and bwd, csrc/cuda fwd and decode). The schema alone does not make a
+  backend: each says "not built" unless lmkern._C holds a kernel for its dispatch key.
 * triton: ``lmkern::attention_{fwd,bwd,decode}_triton``, defined here around the launchers in
   lmkern.kernels.attention.
 * reference: lmkern.reference.attention, plain differentiable PyTorch (the specification).
 
-Backward: the triton backend has its own kernel; the C++ forwards (cpu, cuda) are differentiated
-by ``lmkern::attention_bwd_blockwise``, PyTorch recomputing the probabilities from the saved lse
-one block of query rows at a time, so no (Sq, Sk) matrix is ever held. A gradient flowing into
-the returned lse (flash_attention(return_lse=True)) also takes the blockwise path, on every
-backend. The bias (an attention mask) gets no gradient: kernels decline masks that require one.
+Backward (registered on each forward op): cpu runs its ``attention_bwd`` kernel, grad_lse
+included; triton its own kernel, except that a gradient flowing into the returned lse
+(flash_attention(return_lse=True)) takes the blockwise path; cuda, which has no backward kernel
+yet, and any lmkern._C without one, use ``lmkern::attention_bwd_blockwise``: PyTorch
+recomputing the probabilities from the saved lse one block of query rows at a time, so no
+(Sq, Sk) matrix is ever held either. The bias (an attention mask) gets no gradient: kernels
+decline masks that require one.
 """
 
 from __future__ import annotations
@@ -81,8 +86,17 @@ def _decode_fake(q, k_cache, v_cache, cache_seqlens, causal, scale, num_splits):
     return _fwd_outputs(q, False)
 
 
-def _bwd_fake(grad_out, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale):
+def _grad_outputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) as every backward op allocates them: contiguous, like q, k, v."""
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale):
+    return _grad_outputs(q, k, v)
+
+
+def _cpp_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale):
+    return _grad_outputs(q, k, v)
 
 
 # ----------------------------------------------------------------------------- blockwise backward
@@ -132,7 +146,7 @@ def _sequence_backward(grad_out, grad_lse, q, k, v, out, lse, bias, causal_offse
             query_pos = torch.arange(i0, i1, device=q.device)
             s = s.masked_fill(key_pos[None, :n] > query_pos[:, None] + causal_offset, float("-inf"))
         l = lse4[:, :, i0:i1, None]
-        live = torch.isfinite(l)  # lse -inf: the row saw no key and has no gradient
+        live = l != float("-inf")  # lse -inf: the row saw no key and has no gradient (NaN stays NaN)
         p = torch.where(live, torch.exp(s - torch.where(live, l, torch.zeros_like(l))), torch.zeros_like(s))
         dv[:, :n] += torch.einsum("hgij,hgid->hjd", p, do_blk)
         ds = p * (torch.einsum("hgid,hjd->hgij", do_blk, v_blk) - delta[:, :, i0:i1, None])
@@ -200,26 +214,36 @@ def attention_bwd_blockwise(
 
 @attention_bwd_blockwise.register_fake
 def _attention_bwd_blockwise_fake(grad_out, grad_lse, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, causal, causal_top_left, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _grad_outputs(q, k, v)
 
 
 # ----------------------------------------------------------------------------- C++ ops (cpu, cuda)
 
 _HAS_SCHEMAS = _ext.HAS_CPP and all(hasattr(torch.ops.lmkern, n) for n in ("attention_fwd", "attention_decode"))
+# A lmkern._C built before the C++ backward existed has no attention_bwd schema.
+_HAS_BWD_SCHEMA = _ext.HAS_CPP and hasattr(torch.ops.lmkern, "attention_bwd")
 
 if _HAS_SCHEMAS:
     torch.library.register_fake("lmkern::attention_fwd", _fwd_fake)
     torch.library.register_fake("lmkern::attention_decode", _decode_fake)
+if _HAS_BWD_SCHEMA:
+    torch.library.register_fake("lmkern::attention_bwd", _cpp_bwd_fake)
 
 
 def _has_kernel(op: str, key: str) -> bool:
-    return _HAS_SCHEMAS and torch._C._dispatch_has_kernel_for_dispatch_key(f"lmkern::{op}", key)
+    return (
+        _ext.HAS_CPP
+        and hasattr(torch.ops.lmkern, op)
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"lmkern::{op}", key)
+    )
 
 
 # Which compiled kernels lmkern._C registered (schemas exist in every build, kernels only where
 # their sources were compiled in).
 CPP_KERNELS: dict[tuple[str, str], bool] = {
-    (op, key): _has_kernel(op, key) for op in ("attention_fwd", "attention_decode") for key in ("CPU", "CUDA")
+    (op, key): _has_kernel(op, key)
+    for op in ("attention_fwd", "attention_bwd", "attention_decode")
+    for key in ("CPU", "CUDA")
 }
 
 
@@ -315,9 +339,37 @@ if HAS_TRITON_DECODE:
 # ----------------------------------------------------------------------------- autograd
 
 
-def _register_autograd(fwd: str, bwd: Optional[str]) -> None:
-    """Autograd of the forward op ``fwd``: its backend's backward op ``bwd`` (None: the
-    blockwise PyTorch backward), or the blockwise one whenever the lse receives a gradient."""
+def _blockwise_backward(grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale):
+    return torch.ops.lmkern.attention_bwd_blockwise(
+        grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, causal, top_left, scale
+    )
+
+
+def _cpp_backward(grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale):
+    """Backward of the C++ forward: lmkern::attention_bwd where lmkern._C has a kernel for the
+    tensors' device (CPU), else the blockwise PyTorch backward (CUDA, for now)."""
+    if not CPP_KERNELS.get(("attention_bwd", q.device.type.upper()), False):
+        return _blockwise_backward(grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale)
+    if grad_out is None:  # only the lse is used
+        grad_out = torch.zeros_like(out)
+    return torch.ops.lmkern.attention_bwd(
+        _unit_last(grad_out), grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale
+    )
+
+
+def _triton_backward(grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale):
+    """The Triton backward kernel; the blockwise one when the lse receives a gradient."""
+    if grad_lse is not None or grad_out is None:
+        return _blockwise_backward(grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale)
+    return torch.ops.lmkern.attention_bwd_triton(
+        grad_out, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale
+    )
+
+
+def _register_autograd(fwd: str, backward) -> None:
+    """Autograd of the forward op ``fwd``: ``backward(grad_out, grad_lse, q, k, v, out, lse, bias,
+    cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left,
+    scale) -> (dq, dk, dv)``, where grad_out or grad_lse (not both) may be None."""
 
     def setup_context(ctx, inputs, output):
         q, k, v, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale = inputs
@@ -326,28 +378,19 @@ def _register_autograd(fwd: str, bwd: Optional[str]) -> None:
         ctx.args = (max_q, max_k, causal, top_left, scale)
         ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k, seqused_k)
 
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, bias, cu_q, cu_k, seqused_k = ctx.saved_tensors
-        max_q, max_k, causal, top_left, scale = ctx.args
+    def _backward(ctx, grad_out, grad_lse):
         if grad_out is None and grad_lse is None:
             return (None,) * 12
-        if bwd is None or grad_lse is not None or grad_out is None:
-            dq, dk, dv = torch.ops.lmkern.attention_bwd_blockwise(
-                grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, causal, top_left, scale
-            )
-        else:
-            dq, dk, dv = getattr(torch.ops.lmkern, bwd)(
-                grad_out, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale
-            )
+        dq, dk, dv = backward(grad_out, grad_lse, *ctx.saved_tensors, *ctx.args)
         return (dq, dk, dv) + (None,) * 9
 
-    torch.library.register_autograd(f"lmkern::{fwd}", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"lmkern::{fwd}", _backward, setup_context=setup_context)
 
 
 if _HAS_SCHEMAS:
-    _register_autograd("attention_fwd", None)
+    _register_autograd("attention_fwd", _cpp_backward)
 if triton_attention is not None:
-    _register_autograd("attention_fwd_triton", "attention_bwd_triton")
+    _register_autograd("attention_fwd_triton", _triton_backward)
 
 
 # ----------------------------------------------------------------------------- backends

@@ -21,6 +21,10 @@ with ``scale = 1 / sqrt(head_dim)`` unless given. Conventions shared by all thre
   every gradient through it is zero (never NaN). torch's math backend (CPU) returns zeros too
   (checked with torch 2.13), but older versions and some fused backends have returned NaN:
   lmkern's answer is zeros on every backend.
+* **NaN propagates.** A row whose visible scores include a NaN (a NaN in its query, in a key it
+  sees, or in its bias) has output NaN and lse **NaN**, not -inf: -inf says "this row saw no key"
+  (zero weight when lse values are merged, zero gradient), which is not true of it. Its gradients
+  are NaN as well. Masked keys and slots past a cache's length are not visible.
 * **Causal masks** differ between the two APIs, as they do upstream:
   ``sdpa(is_causal=True)`` is torch's, aligned to the **top left**: query i attends keys
   ``j <= i``; ``flash_attention(causal=True)`` and ``attention_with_kvcache`` are flash-attn's,
@@ -87,13 +91,15 @@ def attention_core(
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
     p = torch.exp(s - m_safe)
     l = p.sum(dim=-1, keepdim=True)
-    live = l > 0
-    l_safe = torch.where(live, l, torch.ones_like(l))
+    # l == 0 only when the row sees no key (otherwise its max scores exp(0) = 1). A NaN l (NaN
+    # among the scores) is not such a row: it keeps its NaN, in the output and in the lse.
+    no_key = l == 0
+    l_safe = torch.where(no_key, torch.ones_like(l), l)
     probs = p / l_safe
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs, vc)
-    lse = torch.where(live, m_safe + torch.log(l_safe), torch.full_like(l, float("-inf"))).squeeze(-1)
+    lse = torch.where(no_key, torch.full_like(l, float("-inf")), m_safe + torch.log(l_safe)).squeeze(-1)
     lse_dtype = torch.float64 if ct == torch.float64 else torch.float32
     return out.to(q.dtype), lse.to(lse_dtype)
 
