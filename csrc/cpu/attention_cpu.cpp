@@ -108,35 +108,10 @@ struct AttnBwdView : AttnItemView {
 
 }  // namespace
 
-#if LMKERN_X86_SIMD
-LMKERN_TARGET_BEGIN(LMKERN_AVX512_ISA)
-namespace {
-namespace avx512 {
-using Isa = Avx512;
-#include "attention_cpu_kernels.h"
-#include "attention_cpu_bwd_kernels.h"
-}  // namespace avx512
-}  // namespace
-LMKERN_TARGET_END
-
-LMKERN_TARGET_BEGIN(LMKERN_AVX2_ISA)
-namespace {
-namespace avx2 {
-using Isa = Avx2;
-#include "attention_cpu_kernels.h"
-#include "attention_cpu_bwd_kernels.h"
-}  // namespace avx2
-}  // namespace
-LMKERN_TARGET_END
-#endif
-
-namespace {
-namespace portable {
-using Isa = Portable;
-#include "attention_cpu_kernels.h"
-#include "attention_cpu_bwd_kernels.h"
-}  // namespace portable
-}  // namespace
+// The forward and backward kernels, once per instruction set (see isa_instances.h).
+#define LMKERN_ISA_KERNELS "attention_cpu_kernels.h"
+#define LMKERN_ISA_KERNELS_MORE "attention_cpu_bwd_kernels.h"
+#include "isa_instances.h"
 
 namespace {
 

@@ -1,8 +1,8 @@
 // Attention backward (FlashAttention-2 style) written once against the SIMD interface of simd.h.
 //
-// Deliberately without include guard: attention_cpu.cpp includes this file once per instruction
-// set, right after attention_cpu_kernels.h and in the same namespace, whose R, L, Ri, vselect,
-// vexp, rows_to_fp32 and kDPart it uses.
+// Deliberately without include guard: attention_cpu.cpp compiles it once per instruction set
+// through isa_instances.h, right after attention_cpu_kernels.h and in the same namespace (it uses
+// simd_math.h's R, L, Ri, vselect, vexp and the forward's rows_to_fp32 and kDPart).
 //
 // The unit of work is a head group (sequence, kv head): the G query heads that share one key/value
 // head, G * Sq rows ordered query-major as in the forward. attention_cpu.cpp runs three passes:

@@ -1,7 +1,7 @@
 // Attention forward (tiled online softmax) written once against the SIMD interface of simd.h.
 //
-// Deliberately without include guard: attention_cpu.cpp includes this file once per instruction
-// set, inside a namespace that defines `Isa` and inside the matching LMKERN_TARGET region.
+// Deliberately without include guard: attention_cpu.cpp compiles it once per instruction set
+// through isa_instances.h (Isa and simd_math.h's R, L, Ri, vselect, vmax, vexp in scope).
 //
 // Layout: query rows run along the vector lanes. A work item is up to BM rows of one
 // (sequence, kv head); with GQA its rows are the (query, head of the group) pairs, query-major,
@@ -18,44 +18,12 @@
 // Causal: a chunk only visits the keys its last row can see (never a block fully above the
 // diagonal); keys past a row's limit inside that range are masked to -inf.
 
-using R = Isa::R;
-constexpr int L = Isa::L;
-// GCC vector extensions on the ISA's register type: compares, selects and the integer part of
-// exp, which the simd.h interface does not need elsewhere.
-typedef int32_t Ri __attribute__((vector_size(sizeof(R))));
-
 constexpr int BN = 64;     // keys per block
 constexpr int CW = 2 * L;  // rows per chunk: two registers per micro-GEMM row
 // Broadcast operands (keys, or output dims) per micro-GEMM step for NV registers of rows:
 // 12 accumulators either way, enough independent FMA chains to cover the FMA latency.
 template <int NV>
 constexpr int kMR = NV == 1 ? 12 : 6;
-
-LMKERN_INLINE R vselect(Ri mask, R a, R b) { return mask ? a : b; }
-LMKERN_INLINE R vmax(R a, R b) { return vselect(a > b, a, b); }  // b when a is NaN
-
-// exp(x) for x <= 0 or NaN (the only arguments online softmax produces): 2^n e^f with
-// n = round(x / ln 2), |f| <= ln2 / 2, e^f by its degree-7 Taylor polynomial (< 1 ulp of
-// truncation). Below -87.3 (including -inf) the result is 0; NaN stays NaN.
-LMKERN_INLINE R vexp(R x) {
-  const R lo = Isa::set1(-87.3f);
-  const R xc = vselect(x < lo, lo, x);
-  const R magic = Isa::set1(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  const R n = Isa::sub(Isa::fmadd(xc, Isa::set1(1.44269504f), magic), magic);
-  R f = Isa::fmadd(n, Isa::set1(-0.693145751953125f), xc);  // ln 2 in two parts: f is exact
-  f = Isa::fmadd(n, Isa::set1(-1.428606765330187e-06f), f);
-  R p = Isa::set1(1.f / 5040);
-  p = Isa::fmadd(p, f, Isa::set1(1.f / 720));
-  p = Isa::fmadd(p, f, Isa::set1(1.f / 120));
-  p = Isa::fmadd(p, f, Isa::set1(1.f / 24));
-  p = Isa::fmadd(p, f, Isa::set1(1.f / 6));
-  p = Isa::fmadd(p, f, Isa::set1(0.5f));
-  p = Isa::fmadd(p, f, Isa::set1(1.f));
-  p = Isa::fmadd(p, f, Isa::set1(1.f));
-  const Ri e = (__builtin_convertvector(n, Ri) + 127) << 23;  // n >= -126: a normal 2^n
-  const R r = Isa::mul(p, (R)e);
-  return vselect(x < lo, Isa::zero(), r);
-}
 
 // Asks for n rows of `bytes` bytes (row stride ld) to be fetched into the cache: rows far apart
 // (a KV cache with many heads) each start on a new page, which the hardware prefetchers do not

@@ -7,6 +7,7 @@
 //
 // Usage, once per .cpp, after everything the kernels refer to is declared:
 //   #define LMKERN_ISA_KERNELS "foo_cpu_kernels.h"
+//   #define LMKERN_ISA_KERNELS_MORE "foo_more_kernels.h"   (optional: a second header, after it)
 //   #include "isa_instances.h"
 // Deliberately without include guard.
 #ifndef LMKERN_ISA_KERNELS
@@ -21,6 +22,9 @@ using Isa = Avx512;
 #define LMKERN_ISA_ID 2
 #include "simd_math.h"
 #include LMKERN_ISA_KERNELS
+#ifdef LMKERN_ISA_KERNELS_MORE
+#include LMKERN_ISA_KERNELS_MORE
+#endif
 }  // namespace avx512
 }  // namespace
 LMKERN_TARGET_END
@@ -32,6 +36,9 @@ using Isa = Avx2;
 #define LMKERN_ISA_ID 1
 #include "simd_math.h"
 #include LMKERN_ISA_KERNELS
+#ifdef LMKERN_ISA_KERNELS_MORE
+#include LMKERN_ISA_KERNELS_MORE
+#endif
 }  // namespace avx2
 }  // namespace
 LMKERN_TARGET_END
@@ -43,7 +50,11 @@ using Isa = Portable;
 #define LMKERN_ISA_ID 0
 #include "simd_math.h"
 #include LMKERN_ISA_KERNELS
+#ifdef LMKERN_ISA_KERNELS_MORE
+#include LMKERN_ISA_KERNELS_MORE
+#endif
 }  // namespace portable
 }  // namespace
 
 #undef LMKERN_ISA_KERNELS
+#undef LMKERN_ISA_KERNELS_MORE
