@@ -70,16 +70,18 @@ def _program_ids(HEADS):
 
 @triton.jit
 def _seq_bounds(CU, SEQUSED, b, dense_len, VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr):
-    """(start row, length) of sequence b: packed rows cu[b]:cu[b+1], or dense [0, dense_len)
-    (cut to seqused[b] when given)."""
+    """(start row, length) of sequence b: packed rows cu[b]:cu[b+1] (dense_len: the packed row
+    count), or dense [0, dense_len) (cut to seqused[b] when given). Clamped into the tensor: under
+    torch.compile no host check has looked at cu_seqlens / seqused, and a kernel never reads or
+    writes outside its tensors whatever they hold."""
     if VARLEN:
-        start = tl.load(CU + b)
-        length = tl.load(CU + b + 1) - start
+        start = tl.minimum(tl.maximum(tl.load(CU + b), 0), dense_len)
+        length = tl.minimum(tl.maximum(tl.load(CU + b + 1), start), dense_len) - start
     else:
         start = tl.full([], 0, tl.int32)
         length = dense_len
         if HAS_SEQUSED:
-            length = tl.load(SEQUSED + b)
+            length = tl.minimum(tl.maximum(tl.load(SEQUSED + b), 0), dense_len)
     return start, length
 
 
@@ -143,8 +145,10 @@ def _fill_unowned_rows(P, CU, num_seqs, total_rows, stride_row, VALUE: tl.conste
     """Packed rows that belong to no sequence, [0, CU[0]) and [CU[num_seqs], total_rows), get what
     the reference gives them (out 0, lse -inf, zero gradients). torch.compile skips the host check
     that cu_seqlens spans the packed tensor, so such rows reach the kernels."""
-    _fill_rows(P, 0, tl.load(CU), stride_row, VALUE, WIDTH, BLOCK_R, BLOCK_W)
-    _fill_rows(P, tl.load(CU + num_seqs), total_rows, stride_row, VALUE, WIDTH, BLOCK_R, BLOCK_W)
+    first = tl.minimum(tl.maximum(tl.load(CU), 0), total_rows)  # clamped as in _seq_bounds
+    last = tl.minimum(tl.maximum(tl.load(CU + num_seqs), first), total_rows)
+    _fill_rows(P, 0, first, stride_row, VALUE, WIDTH, BLOCK_R, BLOCK_W)
+    _fill_rows(P, last, total_rows, stride_row, VALUE, WIDTH, BLOCK_R, BLOCK_W)
 
 
 @triton.jit
@@ -178,8 +182,10 @@ def _online_softmax(acc, l_i, m_i, s, v, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _softmax_result(acc, l_i, m_i):
-    """(out, lse in the log2 domain) of the running softmax; a row that saw no key: 0 and -inf."""
-    live = l_i > 0.0
+    """(out, lse in the log2 domain) of the running softmax; a row that saw no key: 0 and -inf.
+    l_i == 0 only for such a row (otherwise its max scores exp2(0) = 1); a NaN l_i (NaN among the
+    scores) keeps its NaN, in the output and in the lse, as the reference does."""
+    live = l_i != 0.0
     l_safe = tl.where(live, l_i, 1.0)
     return acc / l_safe[:, None], tl.where(live, m_i + tl.math.log2(l_safe), float("-inf"))
 
@@ -468,7 +474,7 @@ def _attn_bwd_dq_kernel(
 def _attn_decode_split_kernel(
     Q, K, V, SEQLENS, OP, LP,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    Sq, Hq, Hkv, GROUP, num_splits, qk_scale,
+    Sq, Hq, Hkv, GROUP, num_splits, Smax, qk_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -485,7 +491,7 @@ def _attn_decode_split_kernel(
     h64 = h.to(tl.int64)
     q = tl.load(Q + b64 * stride_qb + qi[:, None] * stride_qm + h64[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    L = tl.load(SEQLENS + b)
+    L = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Smax)  # clamped as in _seq_bounds
     # Splits of whole key blocks; trailing splits of a short row are empty.
     split_len = tl.cdiv(tl.cdiv(L, num_splits), BLOCK_N) * BLOCK_N
     start = pid_s * split_len
@@ -534,7 +540,7 @@ def _attn_decode_combine_kernel(
     total = tl.sum(w, axis=0)
     o = tl.load(OP + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    live = total > 0.0
+    live = total != 0.0  # 0: no split saw a key; NaN stays NaN (as in _softmax_result)
     total_safe = tl.where(live, total, 1.0)
     out = tl.sum(o * w[:, None], axis=0) / total_safe
     lse = tl.where(live, (m_safe + tl.math.log2(total_safe)) * 0.6931471805599453, float("-inf"))
@@ -635,7 +641,8 @@ def _layout(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqle
             raise ValueError("lmkern.kernels.attention: bias and seqused_k are dense-only")
         B = cu_seqlens_q.shape[0] - 1
         total_q = q.shape[0]
-        return True, B, 0, 0, int(max_seqlen_q), int(max_seqlen_k), (0, total_q)
+        # the "dense" lengths of a packed call are the packed row counts (_seq_bounds clamps to them)
+        return True, B, total_q, k.shape[0], int(max_seqlen_q), int(max_seqlen_k), (0, total_q)
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     Hq = q.shape[2]
     return False, B, Sq, Sk, Sq, Sk, (Hq * Sq, Sq)
@@ -801,7 +808,7 @@ def attention_decode(
         q, k_cache, v_cache, cache_seqlens, o_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Sq, Hq, Hkv, group, num_splits, float(scale) * LOG2E,
+        Sq, Hq, Hkv, group, num_splits, k_cache.shape[1], float(scale) * LOG2E,
         CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC=_dot_prec(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )

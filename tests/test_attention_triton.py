@@ -410,6 +410,55 @@ DECODE = {
 }
 
 
+def test_nan_propagates_to_out_and_lse():
+    """A NaN score makes the row's output and lse NaN (not -inf, which says "no key"), as in the
+    reference; a NaN value makes the outputs of the rows that read it NaN and leaves lse finite.
+    Forward and split-KV decode."""
+    q, k, v = (_randn(1, S, 2, 32, dtype=torch.float32) for S in (20, 30, 30))
+    q[0, 3, 1, 5] = float("nan")
+    v[0, 11, 0, 2] = float("nan")
+    out, lse = run_fwd(q, k, v)
+    ref_out, ref_lse = reference_dense(q, k, v, None, _allowed_dense(1, 20, 30, False, False), 32**-0.5,
+                                       torch.float64)
+    assert torch.equal(out.isnan(), ref_out.isnan()) and torch.equal(lse.isnan(), ref_lse.isnan())
+    assert lse[0, 1, 3].isnan() and torch.isfinite(lse[0, 0]).all()
+
+    out = torch.full((1, 2, 2, 32), float("nan"), device=DEVICE)
+    lse = torch.full((1, 2, 2), float("nan"), device=DEVICE)
+    qd = q[:, 2:4].contiguous()  # query 1 holds the NaN
+    kernels.attention_decode(qd, k, v, torch.tensor([30], dtype=torch.int32, device=DEVICE), False, 32**-0.5, 3,
+                             out, lse)
+    ref_out, ref_lse = reference_dense(qd, k, v, None, _allowed_dense(1, 2, 30, False, False), 32**-0.5,
+                                       torch.float64)
+    assert torch.equal(out.isnan(), ref_out.isnan()) and torch.equal(lse.isnan(), ref_lse.isnan())
+    assert lse[0, 1, 1].isnan()
+
+
+def test_out_of_range_lengths_are_clamped():
+    """Under torch.compile no host check reads cu_seqlens / cache_seqlens: the kernels clamp them
+    into the tensors, never reading or writing outside, which gives what the clamped lengths give."""
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    q, k, v = _randn(12, 2, 32, dtype=torch.float32), _randn(10, 2, 32, dtype=torch.float32), _randn(10, 2, 32, dtype=torch.float32)
+    bad = dict(cu_q=torch.tensor([0, 5, 20], **i32), cu_k=torch.tensor([-3, 4, 15], **i32), max_q=15, max_k=15)
+    good = dict(cu_q=torch.tensor([0, 5, 12], **i32), cu_k=torch.tensor([0, 4, 10], **i32), max_q=7, max_k=6)
+    got, want = run_fwd(q, k, v, causal=True, **bad), run_fwd(q, k, v, causal=True, **good)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    do = _randn(12, 2, 32, dtype=torch.float32)
+    for a, b in zip(run_bwd(do, q, k, v, *want, causal=True, **bad), run_bwd(do, q, k, v, *want, causal=True, **good)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    qd, kc, vc = _randn(2, 1, 4, 32, dtype=torch.float32), _randn(2, 20, 2, 32, dtype=torch.float32), _randn(2, 20, 2, 32, dtype=torch.float32)
+    res = []
+    for lengths in ([25, -2], [20, 0]):
+        out = torch.full(qd.shape, float("nan"), device=DEVICE)
+        lse = torch.full((2, 4, 1), float("nan"), device=DEVICE)
+        kernels.attention_decode(qd, kc, vc, torch.tensor(lengths, **i32), True, 32**-0.5, 2, out, lse)
+        res.append((out, lse))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", list(DECODE))
 def test_decode(case):
     B, Sq, Hq, Hkv, D, Smax, lengths, causal, num_splits, dtype = DECODE[case]
