@@ -139,14 +139,7 @@ struct Kernel {
          LMKERN_PER_DTYPE(ns::bwd_key_blocks), LMKERN_PER_DTYPE(ns::bwd_store_dq)}
 
 const Kernel& kernel() {
-  static const Kernel k = [] {
-    const std::string isa = isa_name();
-#if LMKERN_X86_SIMD
-    if (isa == "avx512") return LMKERN_ATTN_KERNEL(avx512);
-    if (isa == "avx2") return LMKERN_ATTN_KERNEL(avx2);
-#endif
-    return LMKERN_ATTN_KERNEL(portable);
-  }();
+  static const Kernel k = LMKERN_CHOSEN_ISA(LMKERN_ATTN_KERNEL);
   return k;
 }
 

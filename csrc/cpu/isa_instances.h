@@ -58,3 +58,16 @@ using Isa = Portable;
 
 #undef LMKERN_ISA_KERNELS
 #undef LMKERN_ISA_KERNELS_MORE
+
+// MAKE(ns) for the copy of the instruction set isa_name() chose (declare isa_name, from
+// norm_cpu.cpp, before use), e.g. a table of kernel pointers:
+//   static const Table t = LMKERN_CHOSEN_ISA(MAKE_TABLE);
+#ifndef LMKERN_CHOSEN_ISA
+#if LMKERN_X86_SIMD
+#define LMKERN_CHOSEN_ISA(MAKE)                                      \
+  (std::strcmp(isa_name(), "avx512") == 0 ? MAKE(avx512)             \
+   : std::strcmp(isa_name(), "avx2") == 0 ? MAKE(avx2) : MAKE(portable))
+#else
+#define LMKERN_CHOSEN_ISA(MAKE) MAKE(portable)
+#endif
+#endif

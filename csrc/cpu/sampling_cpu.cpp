@@ -24,7 +24,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -122,10 +121,10 @@ RowParams row_params(const SampleParams& p, int64_t r) {
 }  // namespace lmkern::cpu
 
 namespace lmkern::cpu {
+const char* isa_name();  // norm_cpu.cpp: the instruction set chosen for this CPU
+
 #define LMKERN_ISA_KERNELS "sampling_cpu_kernels.h"
 #include "isa_instances.h"
-
-const char* isa_name();  // norm_cpu.cpp: the instruction set chosen for this CPU
 
 namespace {
 
@@ -140,14 +139,7 @@ struct Kernels {
           {&ns::softmax_row<float>, &ns::softmax_row<Half>, &ns::softmax_row<BFloat16>}}
 
 const Kernels& kernels() {
-  static const Kernels k = [] {
-    const std::string isa = isa_name();
-#if LMKERN_X86_SIMD
-    if (isa == "avx512") return LMKERN_SAMPLING_KERNELS(avx512);
-    if (isa == "avx2") return LMKERN_SAMPLING_KERNELS(avx2);
-#endif
-    return LMKERN_SAMPLING_KERNELS(portable);
-  }();
+  static const Kernels k = LMKERN_CHOSEN_ISA(LMKERN_SAMPLING_KERNELS);
   return k;
 }
 
