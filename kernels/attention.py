@@ -15,6 +15,9 @@ lmkern/reference/attention.py. Conventions shared by every kernel here:
 * Causal: key j is visible to query i iff j <= i + offset, offset = 0 (top-left) or
   Sk_b - Sq_b (bottom-right). Loop bounds skip key (query) blocks that no row can see, and the
   forward runs the blocks every row fully sees without any masking arithmetic.
+* Packed, the grids are sized by the max_seqlen hints, which torch.compile cannot check against
+  cu_seqlens: the programs stride over a sequence's row (key) blocks, so a short hint costs time,
+  not rows. Dense, each program takes one block, as the grid covers the sequence.
 * Packed rows outside every sequence (before cu_seqlens[0], from cu_seqlens[-1] on; only
   torch.compile, which skips the host check, lets them through) are written as the reference
   has them, out 0, lse -inf, zero gradients, by one extra batch of programs per launch; the
@@ -250,12 +253,32 @@ def _attn_fwd_kernel(
             _fill_unowned_rows(LSE + h.to(tl.int64) * stride_lh, CU_Q, num_seqs, total_q, 1, float("-inf"),
                                1, BLOCK_M, 1)
             return
-    hk = h // GROUP
     q_start, seqlen_q, k_start, seqlen_k = _qk_bounds(
         CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN, HAS_SEQUSED)
-    m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:  # the grid covers the longest sequence; shorter ones end early
-        return
+    args = (Q, K, V, BIAS, O, LSE, b, h, h // GROUP, q_start, k_start, seqlen_q, seqlen_k,
+            stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+            stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+            qk_scale)
+    if VARLEN:
+        # The grid is sized by the max_seqlen_q hint, which torch.compile cannot check against
+        # cu_seqlens_q: the programs stride over the row blocks, so a short hint costs time only.
+        for m0 in range(pid_m * BLOCK_M, seqlen_q, tl.num_programs(0) * BLOCK_M):
+            _fwd_row_block(*args, m0, HAS_BIAS, CAUSAL, TOP_LEFT, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
+    elif pid_m * BLOCK_M < seqlen_q:  # always (the grid covers seqlen_q); ptxas allocates better with it
+        _fwd_row_block(*args, pid_m * BLOCK_M, HAS_BIAS, CAUSAL, TOP_LEFT, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+                       DOT_PREC)
+
+
+@triton.jit
+def _fwd_row_block(
+    Q, K, V, BIAS, O, LSE, b, h, hk, q_start, k_start, seqlen_q, seqlen_k,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+    qk_scale, m0,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Query rows [m0, m0 + BLOCK_M) of sequence b in head h (kv head hk); m0 < seqlen_q."""
     offs_m, row_ok, offs_d, d_ok = _tile_offsets(m0, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     Q = _seq_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qm)
@@ -264,9 +287,9 @@ def _attn_fwd_kernel(
     V = _seq_base(V, b, hk, k_start, stride_vb, stride_vh, stride_vn)
     if HAS_BIAS:
         BIAS = _head_base(BIAS, b, h, stride_bb, stride_bh)
+    causal_offset = _causal_offset(seqlen_q, seqlen_k, TOP_LEFT)
 
     # Key range: [0, full_hi) every row sees in full, [full_hi, hi) needs masks, beyond: skipped.
-    causal_offset = _causal_offset(seqlen_q, seqlen_k, TOP_LEFT)
     if CAUSAL:
         hi = tl.minimum(seqlen_k, tl.maximum(m0 + BLOCK_M + causal_offset, 0))
         full_hi = tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N * BLOCK_N
@@ -310,15 +333,18 @@ def _attn_bwd_preprocess_kernel(
     """delta_i = rowsum(dO_i * O_i) in fp32, laid out as lse."""
     pid_m, b, h = _program_ids(Hq)
     q_start, seqlen_q = _seq_bounds(CU_Q, CU_Q, b, seqlen_q_dense, VARLEN, False)
-    m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:
-        return
-    offs_m, row_ok, offs_d, d_ok = _tile_offsets(m0, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
-    rows = q_start.to(tl.int64) + offs_m  # 64-bit rows: 32-bit ones cost 24 more registers on sm_80 (ptxas)
-    o = _load_rows(_head_base(O, b, h, stride_ob, stride_oh), rows, stride_om, row_ok, offs_d, d_ok)
-    do = _load_rows(_head_base(DO, b, h, stride_dob, stride_doh), rows, stride_dom, row_ok, offs_d, d_ok)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(_head_base(DELTA, b, h, stride_lb, stride_lh) + rows, delta, mask=row_ok)
+    O = _head_base(O, b, h, stride_ob, stride_oh)
+    DO = _head_base(DO, b, h, stride_dob, stride_doh)
+    DELTA = _head_base(DELTA, b, h, stride_lb, stride_lh)
+    # The programs stride over the row blocks: packed, the grid follows the max_seqlen_q hint,
+    # which may fall short of the longest sequence (dense, each program takes one block).
+    for m0 in range(pid_m * BLOCK_M, seqlen_q, tl.num_programs(0) * BLOCK_M):
+        offs_m, row_ok, offs_d, d_ok = _tile_offsets(m0, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
+        rows = q_start.to(tl.int64) + offs_m  # 64-bit rows: 32-bit ones cost 24 more registers on sm_80 (ptxas)
+        o = _load_rows(O, rows, stride_om, row_ok, offs_d, d_ok)
+        do = _load_rows(DO, rows, stride_dom, row_ok, offs_d, d_ok)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(DELTA + rows, delta, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "num_seqs", "total_k"])
@@ -345,15 +371,37 @@ def _attn_bwd_dkdv_kernel(
             return
     q_start, seqlen_q, k_start, seqlen_k = _qk_bounds(
         CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN, HAS_SEQUSED)
-    # Rows this program writes: dense, every key slot (those past seqused_k get zeros); packed,
-    # the sequence's own rows.
     if VARLEN:
-        store_len = seqlen_k
-    else:
-        store_len = seqlen_k_dense
-    n0 = pid_n * BLOCK_N
-    if n0 >= store_len:
-        return
+        # The programs stride over the sequence's key blocks: the grid follows the max_seqlen_k
+        # hint, which torch.compile cannot check against cu_seqlens_k.
+        for n0 in range(pid_n * BLOCK_N, seqlen_k, tl.num_programs(0) * BLOCK_N):
+            _dkdv_key_block(
+                Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, b, hk, n0, q_start, k_start, seqlen_q, seqlen_k, seqlen_k,
+                stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn,
+                stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, GROUP, qk_scale, scale,
+                HAS_BIAS, CAUSAL, TOP_LEFT, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
+    elif pid_n * BLOCK_N < seqlen_k_dense:  # always; as in the forward, ptxas allocates better with it
+        # Dense, every key slot is written: those past seqused_k get zeros.
+        _dkdv_key_block(
+            Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, b, hk, pid_n * BLOCK_N, q_start, k_start, seqlen_q, seqlen_k,
+            seqlen_k_dense, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+            stride_vh, stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh, stride_dkb,
+            stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, GROUP, qk_scale, scale,
+            HAS_BIAS, CAUSAL, TOP_LEFT, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
+
+
+@triton.jit
+def _dkdv_key_block(
+    Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, b, hk, n0, q_start, k_start, seqlen_q, seqlen_k, store_len,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn,
+    stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, GROUP, qk_scale, scale,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dK, dV of key rows [n0, n0 + BLOCK_N) of (sequence b, kv head hk), written where < store_len
+    keys at or past seqlen_k read nothing and get zeros."""
     offs_n, key_ok, offs_d, d_ok = _tile_offsets(n0, seqlen_k, BLOCK_N, BLOCK_D, HEAD_DIM)
     offs_m0 = tl.arange(0, BLOCK_M)
     # 64-bit key rows here (ptxas spills this kernel on sm_90 when they are 32-bit offsets from a shifted base)
@@ -422,12 +470,31 @@ def _attn_bwd_dq_kernel(
             _fill_unowned_rows(DQ + h.to(tl.int64) * stride_dqh, CU_Q, num_seqs, total_q, stride_dqm, 0.0,
                                HEAD_DIM, BLOCK_M, BLOCK_D)
             return
-    hk = h // GROUP
     q_start, seqlen_q, k_start, seqlen_k = _qk_bounds(
         CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN, HAS_SEQUSED)
-    m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:
-        return
+    args = (Q, K, V, BIAS, DO, LSE, DELTA, DQ, b, h, h // GROUP, q_start, k_start, seqlen_q, seqlen_k,
+            stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+            stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh,
+            stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, qk_scale, scale)
+    if VARLEN:
+        # The programs stride over the row blocks (the grid follows the max_seqlen_q hint).
+        for m0 in range(pid_m * BLOCK_M, seqlen_q, tl.num_programs(0) * BLOCK_M):
+            _dq_row_block(*args, m0, HAS_BIAS, CAUSAL, TOP_LEFT, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
+    elif pid_m * BLOCK_M < seqlen_q:  # always (the grid covers seqlen_q); ptxas allocates better with it
+        _dq_row_block(*args, pid_m * BLOCK_M, HAS_BIAS, CAUSAL, TOP_LEFT, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+                      DOT_PREC)
+
+
+@triton.jit
+def _dq_row_block(
+    Q, K, V, BIAS, DO, LSE, DELTA, DQ, b, h, hk, q_start, k_start, seqlen_q, seqlen_k,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh,
+    stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, qk_scale, scale, m0,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dQ of query rows [m0, m0 + BLOCK_M) of sequence b in head h (kv head hk); m0 < seqlen_q."""
     offs_m, row_ok, offs_d, d_ok = _tile_offsets(m0, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
     offs_n0 = tl.arange(0, BLOCK_N)
     Q = _seq_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qm)

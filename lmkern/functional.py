@@ -645,7 +645,9 @@ def flash_attention(
             ``cu_seqlens[b]:cu_seqlens[b+1]``; each sequence attends only to itself.
         max_seqlen_q, max_seqlen_k: optional ints >= the longest sequence (kernels size their
             grids by them; the reference ignores them). Checked against cu_seqlens.
-            The cu_seqlens checks read the tensors on the host (skipped under torch.compile).
+            The cu_seqlens checks read the tensors on the host (skipped under torch.compile;
+            there a hint below the longest sequence costs time, never results: the kernels'
+            programs stride over the blocks the grid does not cover).
         backend: "auto" (default), "cuda", "triton", "cpu" or "reference"; overrides
             LMKERN_BACKEND.
 

@@ -422,3 +422,28 @@ def test_compile_fullgraph(kb):
     e = torch.autograd.grad(f(q, k, v).sum(), (q, k, v))
     for a, b in zip(g, e):
         torch.testing.assert_close(a, b)
+
+
+def test_compile_varlen_short_max_seqlen_hint(kb):
+    """Under torch.compile flash_attention cannot check max_seqlen_q/k against cu_seqlens (that
+    reads the device tensors): a hint shorter than the longest sequence must cost time only,
+    never rows (forward, lse and gradients against the eager call with a correct hint)."""
+    device, backend = kb
+    torch._dynamo.reset()
+    lens_q, lens_k = [45, 3, 70], [33, 70, 12]
+    q, k, v, cu_q, cu_k = (t.to(device) for t in packed(lens_q, lens_k, 4, 2, 32))
+
+    def f(q, k, v, cu_q, cu_k, max_q, max_k):
+        return lmkern.flash_attention(q, k, v, causal=True, return_lse=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                      max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xs = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = compiled(*xs, cu_q, cu_k, 1, 5)
+    e_xs = [t.detach().requires_grad_() for t in (q, k, v)]
+    e_out, e_lse = f(*e_xs, cu_q, cu_k, max(lens_q), max(lens_k))
+    torch.testing.assert_close(out, e_out)
+    torch.testing.assert_close(lse, e_lse)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, xs, g), torch.autograd.grad(e_out, e_xs, g)):
+        torch.testing.assert_close(a, b)

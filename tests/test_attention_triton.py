@@ -303,6 +303,23 @@ def test_varlen(causal, dtype):
                 torch.autograd.grad(lowp_out, lowp_inputs, do), do, ref_out, inputs64, 1 / math.sqrt(D))
 
 
+def test_varlen_max_seqlen_hint_shorter_than_the_sequences():
+    """The launchers size their grids by max_seqlen_q/k, which torch.compile cannot check: with a
+    hint of 1 (one program per sequence and head) every kernel strides over the row and key
+    blocks, and the results are those of the exact hint (outputs start as NaN: unwritten rows show)."""
+    lens_q, lens_k = [37, 5, 50], [20, 61, 3]
+    q, k, v, cu_q, cu_k = _packed_with_spare_rows(lens_q, lens_k, spare_q=0, spare_k=0, H=4)
+    do = _randn(*q.shape, dtype=torch.float32)
+    results = []
+    for max_q, max_k in ((max(lens_q), max(lens_k)), (1, 1)):
+        out, lse = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
+        grads = run_bwd(do, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
+        results.append((out, lse, *grads))
+    _check_against_reference(*results[1][:2], results[1][2:], q, k, v, cu_q, cu_k, do)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), f"{name} depends on the max_seqlen hint"
+
+
 def test_varlen_top_left_causal():
     """causal_top_left in packed sequences, against a dense per-sequence reference."""
     lens_q, lens_k = [20, 9], [11, 33]
