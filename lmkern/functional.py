@@ -52,7 +52,7 @@ def _check_param(op: str, name: str, t: Optional[Tensor], shape: tuple[int, ...]
         raise TypeError(f"lmkern.{op}: {name} must be floating point, got {t.dtype}")
     if t.device != input.device:
         raise ValueError(f"lmkern.{op}: {name} is on {t.device} but input is on {input.device}")
-    return t.reshape(-1)
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def _prepare_norm(op, input, normalized_shape, residual, weight_offset):
@@ -75,8 +75,8 @@ def _prepare_norm(op, input, normalized_shape, residual, weight_offset):
             raise TypeError(f"lmkern.{op}: residual must have input's dtype {input.dtype}, got {residual.dtype}")
     if not isinstance(weight_offset, numbers.Real):
         raise TypeError(f"lmkern.{op}: weight_offset must be a float, got {type(weight_offset).__name__}")
-    x2d = input.reshape(m, n)
-    r2d = residual.reshape(m, n) if residual is not None else None
+    x2d = input if input.dim() == 2 else input.reshape(m, n)
+    r2d = None if residual is None else residual if residual.dim() == 2 else residual.reshape(m, n)
     return shape, x2d, r2d
 
 

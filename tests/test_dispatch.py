@@ -73,3 +73,33 @@ def test_bfloat16_triton_refused_in_the_interpreter():
     spec = dispatch.InputSpec("cpu", torch.bfloat16, {"affine_dtypes": ()})
     why = dispatch.reasons("rms_norm", spec)["triton"]
     assert why is not None and ("interpreter" in why or "Triton" in why)
+
+
+def test_ops_skip_their_autograd_layer_only_when_no_gradient_can_flow(monkeypatch, kernel_device_backend):
+    """lmkern.ops._fastpath.below_autograd: under no_grad, or with no input requiring grad, the
+    kernel op runs below the Autograd key (the same values, no graph); with an input requiring
+    grad it goes through autograd (a graph, and the reference's gradient)."""
+    from lmkern.ops import _fastpath
+
+    device, backend = kernel_device_backend
+    entered = []
+    real_guard = _fastpath._below_autograd_guard
+    monkeypatch.setattr(_fastpath, "_below_autograd_guard", lambda: entered.append(1) or real_guard())
+    x = torch.randn(3, 16, device=device)
+    w = torch.randn(16, device=device, requires_grad=True)
+    expected = lmkern.rms_norm(x, (16,), w.detach(), 1e-6, backend="reference")
+
+    with torch.no_grad():
+        y = lmkern.rms_norm(x, (16,), w, 1e-6, backend=backend)
+    assert len(entered) == 1 and y.grad_fn is None
+    torch.testing.assert_close(y, expected)
+    y = lmkern.rms_norm(x, (16,), w.detach(), 1e-6, backend=backend)
+    assert len(entered) == 2 and y.grad_fn is None
+    torch.testing.assert_close(y, expected)
+
+    y = lmkern.rms_norm(x, (16,), w, 1e-6, backend=backend)
+    assert len(entered) == 2 and y.grad_fn is not None
+    (g,) = torch.autograd.grad(y.sum(), w)
+    w64 = w.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(lmkern.rms_norm(x.double(), (16,), w64, 1e-6, backend="reference").sum(), w64)
+    torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lmkern import _ext, dispatch
+from lmkern.ops._fastpath import below_autograd
 from lmkern.ops._triton import define_triton_op
 from lmkern.reference import norm as reference
 
@@ -263,8 +264,9 @@ def _reference_support(spec: dispatch.InputSpec) -> Optional[str]:
 
 
 def _op(name: str):
-    """torch.ops.lmkern.<name>, or None when this installation lacks it (its backend then reports why)."""
-    return getattr(torch.ops.lmkern, name) if hasattr(torch.ops.lmkern, name) else None
+    """torch.ops.lmkern.<name> (without its autograd layer when no gradient can flow), or None
+    when this installation lacks it (its backend then reports why)."""
+    return below_autograd(getattr(torch.ops.lmkern, name)) if hasattr(torch.ops.lmkern, name) else None
 
 
 for _family in ("layer_norm", "rms_norm"):

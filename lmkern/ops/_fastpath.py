@@ -1,0 +1,46 @@
+"""Calling lmkern's custom ops without their autograd layer when no gradient can flow.
+
+torch.library.register_autograd puts a Python function on the op's Autograd dispatch key. It
+runs on every call, also under torch.no_grad() and on tensors that do not require grad, and
+costs about 20 µs there: as much as the kernel itself for a decode step's norm or attention on
+small tensors. ``below_autograd(op)`` skips it exactly when it would do nothing but forward the
+call: grad mode off or no argument requiring grad, and no torch.compile tracing (graphs keep the
+autograd-aware op, so compiled training works unchanged).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+_C = torch._C
+# C++ check over the arguments (tensors, lists of tensors, anything else ignored); older torch
+# builds may lack it.
+_any_requires_grad = getattr(_C, "_any_requires_grad", None)
+# Excludes the Autograd (and ADInplaceOrView) keys for the call: what torch.library's own
+# no-grad path does after its Python bookkeeping.
+_below_autograd_guard = _C._AutoDispatchBelowAutograd
+
+
+def _needs_autograd(args: tuple) -> bool:
+    if not _C.is_grad_enabled():
+        return False
+    if _any_requires_grad is not None:
+        return _any_requires_grad(*args)
+    return any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+def below_autograd(op: Callable[..., Any]) -> Callable[..., Any]:
+    """``op`` (a torch.ops custom op), called straight below the Autograd dispatch key whenever no
+    gradient can flow through the call; positional arguments only."""
+
+    def call(*args):
+        if torch.compiler.is_compiling() or _needs_autograd(args):  # compiling first: dynamo cannot trace the C check
+            return op(*args)
+        with _below_autograd_guard():
+            return op(*args)
+
+    call.op = op  # the wrapped op, for introspection and tests
+    return call
