@@ -57,8 +57,35 @@ inline bool before(const Candidate& a, const Candidate& b) {
 // Per-thread buffers, reused across calls (the histogram and the candidates).
 struct Scratch {
   std::vector<uint32_t> counts;
-  std::vector<double> mass;
+  std::vector<uint64_t> mass;  // fixed point, see mass_bits
   std::vector<Candidate> cand;
+};
+
+// The sums below are exact integers, so they do not depend on the order of their additions: a
+// row's sums come out the same however its tokens are grouped (by register, chunk or thread).
+
+// Fractional bits of the top-p histogram's masses: each token's exp(z - zmax) <= 1 is truncated
+// to a multiple of 2^-bits (below the fp32 rounding of the exp itself), as many bits as V such
+// terms can hold in 63.
+inline int mass_bits(int64_t V) { return __builtin_clzll(static_cast<uint64_t>(V)) - 1; }
+
+// A sum of non-negative floats (the per-chunk sums of exp) in 128-bit fixed point, truncated to
+// multiples of 2^-88: exact, and rounded to double once at the end. A NaN part makes it NaN.
+struct ExactSum {
+  unsigned __int128 fixed = 0;
+  bool nan = false;
+  void add(float part) {
+    if (!(part >= 0.f && part <= 0x1p16f)) {  // a chunk sum is <= 1024 unless NaN
+      nan = true;
+      return;
+    }
+    fixed += static_cast<unsigned __int128>(static_cast<double>(part) * 0x1p88);
+  }
+  void add(const ExactSum& o) {
+    fixed += o.fixed;
+    nan |= o.nan;
+  }
+  double value() const { return nan ? kNaN : static_cast<double>(fixed) * 0x1p-88; }
 };
 
 Scratch& scratch() {

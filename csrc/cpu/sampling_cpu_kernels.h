@@ -288,24 +288,27 @@ bool fused_top_k(const T* x, int64_t V, float temp, int64_t k, Scratch& s) {
 template <class T>
 float top_p_threshold(const T* x, int64_t V, float temp, float zmax, float p, Scratch& s) {
   s.counts.assign(kBins, 0);
-  s.mass.assign(kBins, 0.0);
-  const R tv = Isa::set1(temp), zm = Isa::set1(zmax);
+  s.mass.assign(kBins, 0);
+  const int bits = mass_bits(V);
+  const R tv = Isa::set1(temp), zm = Isa::set1(zmax), scale = Isa::set1(std::ldexp(1.f, bits));
   for (int64_t i = 0; i < V; i += L) {
     const R z = load_lanes(x, i, V) / tv;
     const R e = vexp(z - zm);
+    const R m = vselect(e == e, e * scale, Isa::zero());  // NaN (z = +inf at a tiny T) adds 0
     const Ru bin = bin_of(z);
     const int w = static_cast<int>(std::min<int64_t>(L, V - i));
     for (int u = 0; u < w; ++u) {
-      s.mass[bin[u]] += e[u];
+      s.mass[bin[u]] += static_cast<uint64_t>(static_cast<int64_t>(m[u]));
       ++s.counts[bin[u]];
     }
   }
-  double total = 0;
-  for (int b = 0; b < kBins; ++b) total += s.mass[b];
+  uint64_t total_fixed = 0;
+  for (int b = 0; b < kBins; ++b) total_fixed += s.mass[b];
+  const double total = std::ldexp(static_cast<double>(total_fixed), -bits);
   double cum = 0;  // probability of the bins above `bin`
   uint32_t bin = kBins - 1;
   for (; bin > 0; --bin) {
-    const double m = s.mass[bin] / total;
+    const double m = std::ldexp(static_cast<double>(s.mass[bin]), -bits) / total;
     if (s.counts[bin] && cum + m >= p) break;
     cum += m;
   }
@@ -364,16 +367,16 @@ int64_t sample_row_full(const T* x, int64_t V, const RowParams& q, Scratch& s, f
 }
 
 // sum of term(i) over the registers i = 0, L, 2L, ... < V: fp32 lanes within chunks of 1024
-// tokens, the chunk sums in double, so that the rounding error does not grow with V.
+// tokens, the chunk sums added exactly (ExactSum), so that the rounding error does not grow with V.
 template <class F>
-LMKERN_INLINE double chunked_sum(int64_t V, F&& term) {
+LMKERN_INLINE ExactSum chunked_sum(int64_t V, F&& term) {
   constexpr int64_t kChunk = 1024;
-  double total = 0;
+  ExactSum total;
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t c1 = std::min(V, c0 + kChunk);
     R acc = Isa::zero();
     for (int64_t i = c0; i < c1; i += L) acc = acc + term(i);
-    total += Isa::hsum(acc);
+    total.add(Isa::hsum(acc));
   }
   return total;
 }
@@ -383,7 +386,8 @@ template <class T>
 double sum_exp(const T* x, int64_t V, float xmax) {
   const R m = Isa::set1(xmax);
   // missing lanes load as -inf: they add 0
-  return chunked_sum(V, [&](int64_t i) LMKERN_LAMBDA_INLINE { return vexp(load_lanes(x, i, V) - m); });
+  return chunked_sum(V, [&](int64_t i) LMKERN_LAMBDA_INLINE { return vexp(load_lanes(x, i, V) - m); })
+      .value();
 }
 
 // The race over the candidate list (min-p applied).
@@ -447,7 +451,7 @@ void softmax_row(const SoftmaxParams& p, int64_t r) {
     if (i + L <= V) Isa::store(out + i, e);
     else Isa::store(out + i, e, static_cast<int>(V - i));
     return e;
-  });
+  }).value();
   const R inv = Isa::set1(static_cast<float>(1.0 / sum));
   int64_t i = 0;
   for (; i + L <= V; i += L) Isa::store(out + i, Isa::load(out + i) * inv);
