@@ -58,9 +58,13 @@ constexpr int kBins = 1 << kBinBits;
 constexpr int64_t kSumChunk = 1024;
 
 // The fewest tokens a range of a split row gets: smaller shares do not pay for the passes' thread
-// hand-offs and the combinations (2 cores, B = 1, fp32: V = 16384 in two ranges is slower for
-// top-k than one range, V = 32768 faster on every path).
+// hand-offs, the combinations and the waiting worker threads (measured through lmkern.sample on
+// 2 cores, B = 1, fp32): 16K for rows that take several passes (no filter, top-p or min-p over the
+// row, logprobs, softmax: V = 32768 breaks even, 65536 gains 35%), 96K for rows whose only pass
+// is the first (top-k, greedy), which streams at memory speed (V = 128256 in two ranges loses
+// 10 us of 60, V = 256000 gains 20 of 120).
 constexpr int64_t kMinRangeTokens = 16384;
+constexpr int64_t kMinRangeTokensOnePass = 98304;
 
 struct Candidate {
   float z;
@@ -130,11 +134,11 @@ inline Range range_of(int64_t V, int n, int j) {
 // How many ranges each row is cut into: 1 (rows in parallel) unless there are at least twice as
 // many threads as rows (fewer would leave the same threads idle) and the rows are long.
 // LMKERN_CPU_SAMPLE_SPLITS=n forces n (tests; 1: never split), read each call (a getenv).
-int row_splits(int64_t B, int64_t V) {
+int row_splits(int64_t B, int64_t V, int64_t min_range_tokens = kMinRangeTokens) {
   int64_t n = 1;
   const char* env = std::getenv("LMKERN_CPU_SAMPLE_SPLITS");
   if (env && *env) n = std::atoll(env);
-  else if (B > 0) n = std::min<int64_t>(at::get_num_threads() / B, V / kMinRangeTokens);
+  else if (B > 0) n = std::min<int64_t>(at::get_num_threads() / B, V / min_range_tokens);
   const int64_t chunks = (V + kSumChunk - 1) / kSumChunk;
   return static_cast<int>(std::clamp<int64_t>(n, 1, std::max<int64_t>(chunks, 1)));
 }
@@ -340,7 +344,10 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(
   SampleCall c = prepare_sample(logits, temperature, top_k, top_p, min_p, temperatures, top_ks,
                                 top_ps, min_ps, seed, seeds, need_logprobs);
   const SampleParams& p = c.params;
-  kernels().sample[dtype_slot(p.dtype)](p, row_splits(p.B, p.V));
+  bool one_pass = !p.logprobs;  // every row greedy or top-k (see kMinRangeTokensOnePass)
+  for (int64_t r = 0; r < p.B && one_pass; ++r) one_pass = start_row(p, r).kind != Kind::kFull;
+  kernels().sample[dtype_slot(p.dtype)](
+      p, row_splits(p.B, p.V, one_pass ? kMinRangeTokensOnePass : kMinRangeTokens));
   return {c.ids, c.logprobs};
 }
 
