@@ -505,14 +505,110 @@ def test_sampler_module(device_backend):
         lmkern.nn.Sampler(top_k=2.5)
 
 
+# ----------------------------------------------------------------------------- split rows (C++ CPU)
+
+# With fewer rows than threads the C++ CPU kernels cut each long row into token ranges run on
+# several threads; LMKERN_CPU_SAMPLE_SPLITS=n forces n ranges per row (1: never split), so these
+# tests run the split on any machine and batch. Split and unsplit must agree bit for bit.
+SPLIT_ENV = "LMKERN_CPU_SAMPLE_SPLITS"
+
+SPLIT_CONFIGS = {
+    **CONFIGS,
+    "greedy": dict(temperature=0.0),
+    "top_k_over_a_range": dict(top_k=1500, top_p=0.95),  # k beyond a range's length
+    "cold_top_p_min_p": dict(temperature=0.3, top_p=0.7, min_p=0.2),
+}
+
+
+def _split_logits(V, dtype):
+    """Rows that stress the combination of ranges: plain, -inf tokens, many ties (the max and the
+    k-th value repeated across ranges), the top-k all in the last range, one finite island."""
+    x = torch.randn(5, V) * 3
+    x[1, ::3] = float("-inf")
+    x[2] = torch.round(torch.randn(V) * 1.5)
+    x[2, [V - 1, V // 2, 0]] = x[2].max() + 1  # the max in the first, a middle and the last range
+    x[3] = torch.linspace(-5.0, 5.0, V)
+    x[4] = float("-inf")
+    x[4, V // 2 : V // 2 + 40] = torch.randn(40)
+    return x.to(dtype)
+
+
+def _sample_with_splits(monkeypatch, splits, x, **kwargs):
+    monkeypatch.setenv(SPLIT_ENV, str(splits))
+    return lmkern.sample(x, return_logprobs=True, backend="cpu", **kwargs)
+
+
+@pytest.mark.skipif(not _ext.HAS_CPP, reason="lmkern._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("V", [2500, 9217, 40000])
+def test_split_rows_match_unsplit(monkeypatch, dtype, V):
+    """Every filter path, per-row parameters and seeds, cut into 2, 3 and 7 ranges (fewer when the
+    row has fewer 1024-token chunks): the same ids and the same logprob bits as whole rows."""
+    x = _split_logits(V, dtype)
+    B = x.shape[0]
+    per_row = dict(temperature=torch.tensor([0.0, 0.7, 1.0, 2.0, 0.5]), top_k=torch.tensor([0, 1, 50, V, 3]),
+                   top_p=torch.tensor([0.9, 1.0, 0.5, 0.8, 1.0]), min_p=torch.tensor([0.0, 0.1, 0.0, 0.05, 0.0]))
+    cases = [(dict(cfg), random.getrandbits(64)) for cfg in SPLIT_CONFIGS.values()]
+    cases += [(per_row, torch.randint(-(2**63), 2**63 - 1, (B,)))]
+    for cfg, seed in cases:
+        ids, logprobs = _sample_with_splits(monkeypatch, 1, x, **cfg, seed=seed)
+        _check(ids, logprobs, x, f"whole rows {dtype} V={V} {cfg}", **cfg,
+               **(dict(seeds=seed) if isinstance(seed, torch.Tensor) else dict(seed=seed)))
+        for splits in (2, 3, 7):
+            got = _sample_with_splits(monkeypatch, splits, x, **cfg, seed=seed)
+            assert torch.equal(got[0], ids), (splits, cfg)
+            assert torch.equal(got[1], logprobs), (splits, cfg)
+
+
+@pytest.mark.skipif(not _ext.HAS_CPP, reason="lmkern._C not built")
+def test_split_is_automatic_for_one_long_row(monkeypatch):
+    """B = 1 with a long row is split by default when torch has more than one thread (the case
+    this path is for); either way the draw is the whole row's."""
+    x = torch.randn(1, 40000) * 3
+    for cfg in (dict(), dict(top_k=50, top_p=0.9), dict(top_p=0.9), dict(temperature=0.0)):
+        monkeypatch.delenv(SPLIT_ENV, raising=False)
+        auto = lmkern.sample(x, **cfg, seed=7, return_logprobs=True, backend="cpu")
+        whole = _sample_with_splits(monkeypatch, 1, x, **cfg, seed=7)
+        assert torch.equal(auto[0], whole[0]) and torch.equal(auto[1], whole[1]), cfg
+
+
+@pytest.mark.skipif(not _ext.HAS_CPP, reason="lmkern._C not built")
+def test_split_invalid_rows_raise_naming_the_row(monkeypatch):
+    x = _logits(4, 5000, "cpu")
+    x[2, 4500] = float("nan")  # in the last range
+    x[3, 10] = float("inf")
+    monkeypatch.setenv(SPLIT_ENV, "3")
+    for kwargs in (dict(), dict(temperature=0.0), dict(top_k=5), dict(top_p=0.5)):
+        with pytest.raises(ValueError, match="logits row 2 contains NaN"):
+            lmkern.sample(x, backend="cpu", **kwargs)
+    ids = torch.ops.lmkern.sample(x, 1.0, 0, 1.0, 0.0, None, None, None, None, 3, None, True)
+    assert ids[0][2:].tolist() == [-1, -1] and ids[1][2:].isnan().all()
+
+
+@pytest.mark.skipif(not _ext.HAS_CPP, reason="lmkern._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_softmax_matches_unsplit(monkeypatch, dtype):
+    x = _split_logits(9217, dtype)
+    x[0, 100] = float("nan")  # a NaN row stays NaN
+    for T in (1.0, 0.4, 0.0, torch.tensor([0.0, 1.0, 0.0, 2.0, 0.7])):
+        monkeypatch.setenv(SPLIT_ENV, "1")
+        want = lmkern.softmax(x, T, backend="cpu")
+        for splits in (2, 3, 7):
+            monkeypatch.setenv(SPLIT_ENV, str(splits))
+            torch.testing.assert_close(lmkern.softmax(x, T, backend="cpu"), want, rtol=0, atol=0, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------- instruction sets
 
 PORTABLE_SCRIPT = """
-import sys, torch
+import os, sys, torch
 from lmkern import _C
 assert _C.cpu_isa() == "portable", _C.cpu_isa()
 cases = torch.load(sys.argv[1])
-outs = [(torch.ops.lmkern.sample(x, *args), torch.ops.lmkern.softmax(x, args[0], None)) for x, args in cases]
+outs = {}
+for splits in ("1", "3"):  # whole rows, and rows cut into 3 ranges
+    os.environ["LMKERN_CPU_SAMPLE_SPLITS"] = splits
+    outs[splits] = [(torch.ops.lmkern.sample(x, *args), torch.ops.lmkern.softmax(x, args[0], None)) for x, args in cases]
 torch.save(outs, sys.argv[2])
 """
 
@@ -521,11 +617,12 @@ torch.save(outs, sys.argv[2])
 def test_portable_isa(tmp_path):
     """The portable (non-x86) CPU kernels, selected with LMKERN_CPU_ISA in a fresh process, against
     the oracle: every filter path, a vocabulary that is not a multiple of any register width, -inf
-    logits, fp16 and bf16."""
+    logits, fp16 and bf16; and with rows split into ranges, the same bits."""
     cases, cfgs = [], []
-    for dtype, config in [(torch.float32, "all"), (torch.float32, "top_p"), (torch.float16, "top_k"),
-                          (torch.bfloat16, "cold"), (torch.float32, "min_p")]:
-        x = _logits(300, 1031, "cpu", dtype)
+    for dtype, config, V in [(torch.float32, "all", 1031), (torch.float32, "top_p", 1031), (torch.float16, "top_k", 1031),
+                             (torch.bfloat16, "cold", 1031), (torch.float32, "min_p", 1031),
+                             (torch.float32, "all", 5000), (torch.bfloat16, "top_p", 5000), (torch.float32, "plain", 5000)]:
+        x = _logits(300 if V < 2000 else 20, V, "cpu", dtype)
         x[::7, ::3] = float("-inf")
         cfg = CONFIGS[config]
         seed = random.getrandbits(63)
@@ -537,10 +634,13 @@ def test_portable_isa(tmp_path):
     env = dict(os.environ, LMKERN_CPU_ISA="portable")
     subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                    env=env, check=True)
-    for ((ids, logprobs), probs), (x, args), (cfg, seed) in zip(torch.load(tmp_path / "out.pt"), cases, cfgs):
+    outs = torch.load(tmp_path / "out.pt")
+    for ((ids, logprobs), probs), split, (x, args), (cfg, seed) in zip(outs["1"], outs["3"], cases, cfgs):
         _check(ids, logprobs, x, f"portable {x.dtype} {cfg}", **cfg, seed=seed)
         want = torch.softmax(x.double() / args[0], -1).float()
         torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-7)
+        assert torch.equal(split[0][0], ids) and torch.equal(split[0][1], logprobs), f"split {x.dtype} {cfg}"
+        assert torch.equal(split[1], probs), f"split softmax {x.dtype} {cfg}"
 
 
 def test_backends_report_missing_kernels():
