@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import copy
 import os
+import statistics
 import sys
 import time
 
@@ -50,7 +52,7 @@ def _generate(args) -> int:
     def run_stock():
         torch.manual_seed(args.seed)
         start = time.perf_counter()
-        out = model.generate(
+        out = stock_model.generate(
             input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
             eos_token_id=eos, pad_token_id=eos, **{k: v for k, v in sampling.items() if v is not None and args.temperature > 0},
         )
@@ -64,29 +66,38 @@ def _generate(args) -> int:
         )
         return out, time.perf_counter() - start
 
-    def report(name, out, seconds):
-        new = out.shape[1] - input_ids.shape[1]
-        text = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
-        print(f"--- {name}: {new} tokens in {seconds:.2f} s = {new / seconds:.1f} tokens/s")
-        print(text)
-        return new / seconds
-
-    results = {}
-    if args.compare_stock:
-        run_stock()  # warm-up
-        results["transformers"] = report("stock transformers generate", *run_stock())
+    # The stock model stays as loaded; lmkern patches a copy, so that the two can take turns: the
+    # runs alternate (after one warm-up each) and each side reports its median, which keeps a
+    # stretch of machine noise from landing on one side only.
+    stock_model = copy.deepcopy(model) if args.compare_stock else None
     patched = ""
     if not args.no_patch:
         n = lmkern.patch(model, attention=not args.no_attention)
         patched = " (lmkern norms" + ("" if args.no_attention else " and attention") + ")"
         print(f"lmkern.patch replaced {n} norm modules" + ("" if args.no_attention else
               f"; attention: {model.config._attn_implementation}"), file=sys.stderr)
-    run_lmkern()  # warm-up
-    results["lmkern"] = report("lmkern.generate" + patched, *run_lmkern())
-    if "transformers" in results:
-        print(f"--- speed-up, tokens/s: {results['lmkern'] / results['transformers']:.2f}x "
-              f"(lmkern {results['lmkern']:.1f} vs transformers {results['transformers']:.1f}; "
-              f"torch threads {torch.get_num_threads()})")
+    sides = {"lmkern.generate" + patched: run_lmkern}
+    if args.compare_stock:
+        sides["stock transformers generate"] = run_stock
+    rates = {name: [] for name in sides}
+    texts = {}
+    for name, run in sides.items():
+        run()  # warm-up
+    for _ in range(max(1, args.repeats)):
+        for name, run in sides.items():
+            out, seconds = run()
+            new = out.shape[1] - input_ids.shape[1]
+            rates[name].append(new / seconds)
+            texts[name] = (new, tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
+    for name in sides:
+        median = statistics.median(rates[name])
+        runs = ", ".join(f"{r:.1f}" for r in rates[name])
+        print(f"--- {name}: {texts[name][0]} tokens, median {median:.1f} tokens/s (runs: {runs})")
+        print(texts[name][1])
+    if args.compare_stock:
+        ours, stock = (statistics.median(rates[name]) for name in sides)
+        print(f"--- speed-up, median tokens/s: {ours / stock:.2f}x (lmkern {ours:.1f} vs transformers {stock:.1f}; "
+              f"{len(rates[next(iter(sides))])} alternating runs each; torch threads {torch.get_num_threads()})")
     return 0
 
 
@@ -108,6 +119,7 @@ def main(argv=None) -> int:
     p_gen.add_argument("--no-patch", action="store_true", help="keep the model's own norm and attention modules")
     p_gen.add_argument("--no-attention", action="store_true", help="patch the norms only, keep transformers' attention")
     p_gen.add_argument("--compare-stock", action="store_true", help="also time transformers' own generate")
+    p_gen.add_argument("--repeats", type=int, default=3, help="timed runs of each side, alternating (median reported)")
     args = parser.parse_args(argv)
 
     if args.command == "generate":
