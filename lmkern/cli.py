@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import copy
+import json
 import os
 import statistics
 import sys
