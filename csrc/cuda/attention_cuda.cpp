@@ -5,8 +5,6 @@
 // argument. No host synchronization: device values (cache_seqlens, cu_seqlens, seqused_k) are
 // only read by the kernels, which clamp them to the tensors' extents.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,21 +13,12 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda_glue.h"
 #include "glue_common.h"
 #include "lmkern/attention_cuda.h"
 
 namespace lmkern {
 namespace {
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "lmkern.", op, ": CUDA error: ", cudaGetErrorString(err));
-}
-
-void check_device(const char* op, const at::Tensor& q) {
-  TORCH_CHECK(q.is_cuda(), "lmkern.", op, ": q must be a CUDA tensor, got ", q.device());
-}
-
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // `t` lives on q's device.
 void check_same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& q) {
@@ -81,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_op(const at::Tensor& q,
                                                        bool causal, double scale,
                                                        int64_t num_splits) {
   constexpr const char* op = "attention_decode";
-  check_device(op, q);
+  check_cuda_tensor(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK_VALUE(q.dim() == 4, "lmkern.", op,
                     ": q must be 4-D (batch, seqlen_q, heads, head_dim), got shape ", q.sizes());
@@ -158,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_op(const at::Tensor& q,
     workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
   }
   check_cuda(attention_decode_cuda(p, bytes > 0 ? workspace.data_ptr() : nullptr, bytes, sms,
-                                   at::cuda::getCurrentCUDAStream()),
+                                   current_stream()),
              op);
   return {out, lse};
 }
@@ -171,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(
     double scale) {
   constexpr const char* op = "attention_fwd";
   (void)max_seqlen_k;  // the kernel walks each sequence's keys; no sizing needed
-  check_device(op, q);
+  check_cuda_tensor(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "lmkern.",
                    op, ": the CUDA kernel supports float16 and bfloat16 q, k, v, got ",
@@ -301,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(
   p.causal = causal;
   p.causal_top_left = causal_top_left;
   p.dtype = kernel_dtype(op, "q", q.scalar_type());
-  check_cuda(attention_fwd_cuda(p, num_sms(), at::cuda::getCurrentCUDAStream()), op);
+  check_cuda(attention_fwd_cuda(p, num_sms(), current_stream()), op);
   return {out, lse};
 }
 

@@ -2,39 +2,27 @@
 // (prepare_norm_fwd/bwd, csrc/norm_glue.cpp), then the framework-free launchers
 // (csrc/cuda/norm_kernels.cu) on the current stream of the input's device.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
+#include "cuda_glue.h"
 #include "lmkern/norm_cuda.h"
 #include "norm_glue.h"
 
 namespace lmkern {
 namespace {
 
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "lmkern.", op, ": CUDA error: ", cudaGetErrorString(err));
-}
-
-void check_device(const char* op, const at::Tensor& input) {
-  TORCH_CHECK(input.is_cuda(), "lmkern.", op, ": input must be a CUDA tensor, got ",
-              input.device());
-}
-
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double eps,
     double weight_offset) {
   constexpr const char* op = "layer_norm_fwd";
-  check_device(op, input);
+  check_cuda_tensor(op, "input", input);
   const c10::cuda::CUDAGuard guard(input.device());
   NormFwdCall c = prepare_norm_fwd(op, input, weight, bias, residual, eps, weight_offset, false);
-  check_cuda(norm_fwd_cuda(c.params, num_sms(), at::cuda::getCurrentCUDAStream()), op);
+  check_cuda(norm_fwd_cuda(c.params, num_sms(), current_stream()), op);
   return {c.out, c.residual_out, c.mean, c.rstd};
 }
 
@@ -42,11 +30,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& residual, double eps, double weight_offset) {
   constexpr const char* op = "rms_norm_fwd";
-  check_device(op, input);
+  check_cuda_tensor(op, "input", input);
   const c10::cuda::CUDAGuard guard(input.device());
   NormFwdCall c =
       prepare_norm_fwd(op, input, weight, std::nullopt, residual, eps, weight_offset, true);
-  check_cuda(norm_fwd_cuda(c.params, num_sms(), at::cuda::getCurrentCUDAStream()), op);
+  check_cuda(norm_fwd_cuda(c.params, num_sms(), current_stream()), op);
   return {c.out, c.residual_out, c.rstd};
 }
 
@@ -61,7 +49,7 @@ void run_bwd(const char* op, const NormBwdCall& c, const at::Tensor& input) {
     workspace = at::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
   }
   check_cuda(norm_bwd_cuda(c.params, bytes > 0 ? workspace.data_ptr() : nullptr, bytes, sms,
-                           at::cuda::getCurrentCUDAStream()),
+                           current_stream()),
              op);
 }
 
@@ -71,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd,
     double weight_offset) {
   constexpr const char* op = "layer_norm_bwd";
-  check_device(op, input);
+  check_cuda_tensor(op, "input", input);
   const c10::cuda::CUDAGuard guard(input.device());
   NormBwdCall c = prepare_norm_bwd(op, grad_out, grad_residual, input, weight, bias, mean, rstd,
                                    weight_offset, false);
@@ -85,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out,
                                                 const std::optional<at::Tensor>& weight,
                                                 const at::Tensor& rstd, double weight_offset) {
   constexpr const char* op = "rms_norm_bwd";
-  check_device(op, input);
+  check_cuda_tensor(op, "input", input);
   const c10::cuda::CUDAGuard guard(input.device());
   NormBwdCall c = prepare_norm_bwd(op, grad_out, grad_residual, input, weight, std::nullopt,
                                    std::nullopt, rstd, weight_offset, true);

@@ -2,29 +2,17 @@
 // (prepare_sample / prepare_softmax, csrc/sampling_glue.cpp), then the framework-free launchers
 // (csrc/cuda/sampling_kernels.cu) on the current stream of the logits' device.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
+#include "cuda_glue.h"
 #include "lmkern/sampling_cuda.h"
 #include "sampling_glue.h"
 
 namespace lmkern {
 namespace {
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "lmkern.", op, ": CUDA error: ", cudaGetErrorString(err));
-}
-
-void check_device(const char* op, const at::Tensor& logits) {
-  TORCH_CHECK(logits.is_cuda(), "lmkern.", op, ": logits must be a CUDA tensor, got ",
-              logits.device());
-}
-
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 std::tuple<at::Tensor, at::Tensor> sample_op(
     const at::Tensor& logits, double temperature, int64_t top_k, double top_p, double min_p,
@@ -32,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> sample_op(
     const std::optional<at::Tensor>& top_ps, const std::optional<at::Tensor>& min_ps,
     int64_t seed, const std::optional<at::Tensor>& seeds, bool need_logprobs) {
   constexpr const char* op = "sample";
-  check_device(op, logits);
+  check_cuda_tensor(op, "logits", logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   SampleCall c = prepare_sample(logits, temperature, top_k, top_p, min_p, temperatures, top_ks,
                                 top_ps, min_ps, seed, seeds, need_logprobs);
@@ -47,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> sample_op(
     workspace = at::empty({static_cast<int64_t>(bytes)}, c.logits.options().dtype(at::kByte));
   }
   check_cuda(sample_cuda(c.params, bytes > 0 ? workspace.data_ptr() : nullptr, bytes, sms,
-                         at::cuda::getCurrentCUDAStream()),
+                         current_stream()),
              op);
   return {c.ids, c.logprobs};
 }
@@ -55,10 +43,10 @@ std::tuple<at::Tensor, at::Tensor> sample_op(
 at::Tensor softmax_op(const at::Tensor& logits, double temperature,
                       const std::optional<at::Tensor>& temperatures) {
   constexpr const char* op = "softmax";
-  check_device(op, logits);
+  check_cuda_tensor(op, "logits", logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   SoftmaxCall c = prepare_softmax(logits, temperature, temperatures);
-  check_cuda(softmax_cuda(c.params, num_sms(), at::cuda::getCurrentCUDAStream()), op);
+  check_cuda(softmax_cuda(c.params, num_sms(), current_stream()), op);
   return c.probs;
 }
 
