@@ -14,6 +14,7 @@ Peak CUDA memory beyond inputs and outputs is recorded for every forward.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -130,13 +131,12 @@ def measure_decode(provider, contexts, B, Hq, Hkv, L, D, dtype, device):
     return dict(ms=ms, bytes=nbytes, GBps=nbytes / (ms * 1e-3) / 1e9)
 
 
-def run(device: str, quick: bool = False, log=print) -> dict:
-    copy_gbps = harness.copy_bandwidth_gbps(device)
-    log(f"copy bandwidth on {harness.device_slug(device)}: {copy_gbps:.1f} GB/s")
-    contexts = _sdpa_backends(device)
-    ours = [f"lmkern-{b}" for b in harness.lmkern_backends(device)]
-    results = []
-    for B, H, S, D, dtype, causal in prefill_shapes(device, quick):
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _prefill_rows(device, quick, contexts, ours, shapes, log):
+    for B, H, S, D, dtype, causal in shapes:
         for backward in (False, True) if not (quick and device == "cpu") else (False,):
             providers = ours + list(contexts) + (["naive"] if B * H * S * S <= NAIVE_MAX_SCORES else [])
             for provider in providers:
@@ -144,21 +144,60 @@ def run(device: str, quick: bool = False, log=print) -> dict:
                     continue
                 r = measure_prefill(provider, contexts, B, H, S, D, dtype, causal, backward, device)
                 r.update(kind="prefill", provider=provider, batch=B, heads=H, seqlen=S, head_dim=D,
-                         dtype=str(dtype).replace("torch.", ""), causal=causal, direction="fwd+bwd" if backward else "fwd")
-                results.append(r)
+                         dtype=_dtype_name(dtype), causal=causal, direction="fwd+bwd" if backward else "fwd")
                 what = f"{r['direction']:<7} B={B} H={H} S={S} D={D} {r['dtype']} causal={causal} {provider:<22}"
                 log(what + (f" {r['ms']:9.3f} ms {r['TFLOPs']:8.3f} TFLOP/s" if "ms" in r else f" skipped: {r['skipped']}"))
-    for B, Hq, Hkv, L, D, dtype in decode_shapes(device, quick):
+                yield r
+
+
+def _decode_rows(device, contexts, ours, shapes, copy_gbps, log):
+    for B, Hq, Hkv, L, D, dtype in shapes:
         for provider in ours + [p for p in contexts if not p.endswith("math")]:
             r = measure_decode(provider, contexts, B, Hq, Hkv, L, D, dtype, device)
             r.update(kind="decode", provider=provider, batch=B, heads=Hq, kv_heads=Hkv, seqlen=L, head_dim=D,
-                     dtype=str(dtype).replace("torch.", ""))
+                     dtype=_dtype_name(dtype))
             if "GBps" in r:
                 r["pct_copy"] = 100 * r["GBps"] / copy_gbps
-            results.append(r)
             what = f"decode  B={B} Hq={Hq} Hkv={Hkv} L={L} D={D} {r['dtype']} {provider:<22}"
             log(what + (f" {r['ms']:9.3f} ms {r['GBps']:8.1f} GB/s" if "ms" in r else f" skipped: {r['skipped']}"))
+            yield r
+
+
+def measurements(device: str, quick: bool, copy_gbps: float, log=print):
+    """Prefill rows then decode rows; on CUDA the shapes the targets name come first (the longest
+    prefill at d128 non-causal, then decode at 32k), so a run cut by its time budget has them."""
+    contexts = _sdpa_backends(device)
+    ours = [f"lmkern-{b}" for b in harness.lmkern_backends(device)]
+    prefill, decode = prefill_shapes(device, quick), decode_shapes(device, quick)
+    if device == "cuda":
+        first_prefill = [s for s in prefill if s[2] == 16384 and s[3] == 128 and not s[5]]
+        first_decode = [s for s in decode if s[3] == 32768]
+        yield from _prefill_rows(device, quick, contexts, ours, first_prefill, log)
+        yield from _decode_rows(device, contexts, ours, first_decode, copy_gbps, log)
+        prefill = [s for s in prefill if s not in first_prefill]
+        decode = [s for s in decode if s not in first_decode]
+    yield from _prefill_rows(device, quick, contexts, ours, prefill, log)
+    yield from _decode_rows(device, contexts, ours, decode, copy_gbps, log)
+
+
+def summarize(device: str, results: list[dict], copy_gbps: float) -> dict:
+    # Tables list prefill then decode, each in its shape list's order, whatever order they ran in.
+    rank = {}
+    for i, (B, H, S, D, dtype, causal) in enumerate(prefill_shapes(device, False) + prefill_shapes(device, True)):
+        rank.setdefault(("prefill", B, H, S, D, _dtype_name(dtype), causal), i)
+    for i, (B, Hq, Hkv, L, D, dtype) in enumerate(decode_shapes(device, False) + decode_shapes(device, True)):
+        rank.setdefault(("decode", B, Hq, L, D, _dtype_name(dtype), None), i)
+
+    def position(r):
+        shape = (r["kind"], r["batch"], r["heads"], r["seqlen"], r["head_dim"], r["dtype"], r.get("causal"))
+        return (r["kind"] != "prefill", rank.get(shape, len(rank)), r.get("direction") != "fwd")
+
+    results.sort(key=position)  # stable: providers keep their order
     return {"copy_GBps": copy_gbps, "results": results, "targets": check_targets(results, device, copy_gbps)}
+
+
+def run(device: str, quick: bool = False, log=print) -> dict:
+    return harness.run_suite(sys.modules[__name__], device, quick, log)
 
 
 def _key(r):

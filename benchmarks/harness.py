@@ -159,6 +159,29 @@ def environment(device: str) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- running a suite
+
+
+def run_suite(suite, device: str, quick: bool = False, log=print, deadline: float | None = None) -> dict:
+    """Runs one suite module: the copy-bandwidth ceiling, then ``suite.measurements`` (a generator
+    of result rows, the sizes its targets name first), then ``suite.summarize``. With ``deadline``
+    (a time.monotonic() value) no new measurement starts after it and the payload is marked
+    partial: a GPU lease is short, and a cut run still keeps the rows it measured."""
+    copy_gbps = copy_bandwidth_gbps(device)
+    log(f"copy bandwidth on {device_slug(device)}: {copy_gbps:.1f} GB/s")
+    rows = []
+    measured = suite.measurements(device, quick, copy_gbps, log)
+    for row in measured:
+        rows.append(row)
+        if deadline is not None and time.monotonic() > deadline:
+            measured.close()
+            log(f"time budget reached after {len(rows)} rows: the rest of this suite is not measured")
+            payload = suite.summarize(device, rows, copy_gbps)
+            payload["partial"] = f"stopped at the time budget after {len(rows)} rows"
+            return payload
+    return suite.summarize(device, rows, copy_gbps)
+
+
 def results_path(device: str) -> str:
     return os.path.join(RESULTS_DIR, f"{device_slug(device)}.json")
 

@@ -1,6 +1,6 @@
 """Runs the benchmark suites on the present device and records the results.
 
-    python benchmarks/run.py [--device cpu|cuda] [--quick] [--out DIR] [--no-readme]
+    python benchmarks/run.py [--device cpu|cuda] [--quick] [--out DIR] [--no-readme] [--time-budget-s S]
 
 Writes (except with --quick) benchmarks/results/<device>.json (and DIR/<device>.json with --out), one PNG plot per suite,
 and the suite's table into README.md between its markers; prints the tables and the targets.
@@ -12,6 +12,7 @@ import argparse
 import os
 import re
 import sys
+import time
 
 import torch
 
@@ -96,7 +97,8 @@ def update_readme(slug: str, suite: str, text: str) -> None:
 
 def report(description: str, date: str, suite: str, payload: dict) -> str:
     mod = SUITES[suite]
-    return f"{description}; copy bandwidth {payload['copy_GBps']:.1f} GB/s; {date}\n\n{mod.table(payload)}"
+    partial = f". **Partial run: {payload['partial']}.**" if payload.get("partial") else ""
+    return f"{description}; copy bandwidth {payload['copy_GBps']:.1f} GB/s; {date}{partial}\n\n{mod.table(payload)}"
 
 
 def render(path: str) -> int:
@@ -120,6 +122,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one size per suite, for a smoke run")
     ap.add_argument("--out", help="also write results and plots here (e.g. $OUT on the GPU machine)")
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--time-budget-s", type=float, help="start no measurement after this many seconds; the suites "
+                    "then record what they measured, marked partial (each suite measures its targets' sizes first)")
     ap.add_argument("--render", metavar="JSON", help="no run: redraw plots and README tables from a results file "
                     "(e.g. one brought back from a GPU machine)")
     args = ap.parse_args()
@@ -129,8 +133,9 @@ def main() -> int:
     out_dirs = ([] if args.quick else [harness.RESULTS_DIR]) + ([args.out] if args.out else [])
     for d in out_dirs:
         os.makedirs(d, exist_ok=True)
+    deadline = None if args.time_budget_s is None else time.monotonic() + args.time_budget_s
     for suite in args.suite or sorted(SUITES):
-        payload = SUITES[suite].run(args.device, quick=args.quick)
+        payload = harness.run_suite(SUITES[suite], args.device, args.quick, deadline=deadline)
         for d in out_dirs:
             path = harness.save_suite(args.device, suite, payload, None if d == harness.RESULTS_DIR else d)
             print(f"wrote {path}")
