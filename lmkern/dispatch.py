@@ -53,6 +53,11 @@ class InputSpec:
     dtype: torch.dtype
     extra: dict = field(default_factory=dict, compare=False)
 
+    def key(self) -> tuple:
+        """Everything a backend's ``supports`` may read, as a hashable value (``extra``'s items in
+        the order its builder inserts them)."""
+        return (self.device_type, self.dtype, tuple(self.extra.items()))
+
 
 @dataclass(frozen=True)
 class _Impl:
@@ -61,12 +66,18 @@ class _Impl:
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
+# Backends already chosen, by (op, requested backend, spec key): ``supports`` depends on the spec
+# alone, so a spec seen before gets the same answer, without the support checks (a few µs a call,
+# which add up at decode, where every op is small). Only successes are kept: a failure raises,
+# with every backend's reason, each time. register() clears it.
+_CHOSEN: dict[tuple, str] = {}
 
 
 def register(op: str, backend: str, supports: Callable[[InputSpec], Optional[str]], run: Callable[..., Any]) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _REGISTRY.setdefault(op, {})[backend] = _Impl(supports, run)
+    _CHOSEN.clear()
 
 
 def implementation(op: str, backend: str) -> Callable[..., Any]:
@@ -145,6 +156,19 @@ def _format(op: str, spec: InputSpec, why: dict[str, Optional[str]]) -> str:
 def select(op: str, backend: Optional[str], spec: InputSpec) -> tuple[str, Callable[..., Any]]:
     """Returns (backend name, callable) for ``op`` on inputs described by ``spec``."""
     name = requested_backend(backend)
+    if torch.compiler.is_compiling():  # traced once per graph; a global memo would only add guards
+        return _select(op, name, spec)
+    memo = (op, name, spec.key())
+    try:
+        chosen = _CHOSEN.get(memo)
+    except TypeError:  # an unhashable extra: decide afresh
+        return _select(op, name, spec)
+    if chosen is None:
+        chosen = _CHOSEN[memo] = _select(op, name, spec)[0]
+    return chosen, _REGISTRY[op][chosen].run
+
+
+def _select(op: str, name: str, spec: InputSpec) -> tuple[str, Callable[..., Any]]:
     impls = _REGISTRY[op]
     if name != "auto":
         impl = impls.get(name)

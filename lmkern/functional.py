@@ -23,6 +23,8 @@ ShapeLike = Union[int, Sequence[int], torch.Size]
 
 
 def _normalized_shape(op: str, input: Tensor, normalized_shape: ShapeLike) -> tuple[int, ...]:
+    if type(normalized_shape) is int and input.dim() >= 1 and input.shape[-1] == normalized_shape:
+        return (normalized_shape,)  # the common call, without the checks' generality (~1 µs)
     if isinstance(normalized_shape, numbers.Integral):
         shape = (int(normalized_shape),)
     elif isinstance(normalized_shape, (str, bytes)) or isinstance(normalized_shape, Tensor) and normalized_shape.dim() != 1:
@@ -75,9 +77,17 @@ def _prepare_norm(op, input, normalized_shape, residual, weight_offset):
             raise TypeError(f"lmkern.{op}: residual must have input's dtype {input.dtype}, got {residual.dtype}")
     if not isinstance(weight_offset, numbers.Real):
         raise TypeError(f"lmkern.{op}: weight_offset must be a float, got {type(weight_offset).__name__}")
-    x2d = input if input.dim() == 2 else input.reshape(m, n)
-    r2d = None if residual is None else residual if residual.dim() == 2 else residual.reshape(m, n)
+    rows_already = input.dim() == 2 and len(shape) == 1  # (rows, N) is the kernels' layout: no reshape
+    x2d = input if rows_already else input.reshape(m, n)
+    r2d = None if residual is None else residual if rows_already else residual.reshape(m, n)
     return shape, x2d, r2d
+
+
+def _as_input_shape(t: Tensor, input: Tensor) -> Tensor:
+    """A (rows, N) kernel result in input's shape (view_as: a third of reshape(Size)'s cost)."""
+    if t.shape == input.shape:
+        return t
+    return t.view_as(input) if t.is_contiguous() else t.reshape(input.shape)
 
 
 def _backend_for(op: str, backend: Optional[str], x2d: Tensor, weight, bias):
@@ -126,8 +136,8 @@ def layer_norm(
         raise ValueError(f"lmkern.{op}: weight_offset={weight_offset} needs a weight")
     _, fwd = _backend_for(op, backend, x2d, w, b)
     out, residual_out, _mean, _rstd = fwd(x2d, w, b, r2d, float(eps), float(weight_offset))
-    out = out.reshape(input.shape)
-    return (out, residual_out.reshape(input.shape)) if residual is not None else out
+    out = _as_input_shape(out, input)
+    return (out, _as_input_shape(residual_out, input)) if residual is not None else out
 
 
 def rms_norm(
@@ -167,8 +177,8 @@ def rms_norm(
         eps = torch.finfo(input.dtype).eps
     _, fwd = _backend_for(op, backend, x2d, w, None)
     out, residual_out, _rstd = fwd(x2d, w, r2d, float(eps), float(weight_offset))
-    out = out.reshape(input.shape)
-    return (out, residual_out.reshape(input.shape)) if residual is not None else out
+    out = _as_input_shape(out, input)
+    return (out, _as_input_shape(residual_out, input)) if residual is not None else out
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -520,25 +530,26 @@ def scaled_dot_product_attention(
     op = "scaled_dot_product_attention"
     _check_qkv(op, {"query": query, "key": key, "value": value}, 3, "(..., H, S, D)")
     q, k, v = query, key, value
-    if not (q.dim() == k.dim() == v.dim()):
+    qs, ks, vs = q.shape, k.shape, v.shape  # read once: each .shape builds a torch.Size
+    if not (len(qs) == len(ks) == len(vs)):
         raise ValueError(
             f"lmkern.{op}: query, key and value must have the same number of dims, got shapes "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            f"{tuple(qs)}, {tuple(ks)}, {tuple(vs)}"
         )
-    lead = tuple(q.shape[:-3])
-    for name, t in (("key", k), ("value", v)):
-        if tuple(t.shape[:-3]) != lead:
-            raise ValueError(f"lmkern.{op}: {name} must have query's leading (batch) dims {lead}, got shape {tuple(t.shape)}")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"lmkern.{op}: key's head dim ({k.shape[-1]}) must equal query's ({q.shape[-1]})")
-    if v.shape[-3] != k.shape[-3] or v.shape[-2] != k.shape[-2]:
+    lead = qs[:-3]
+    for name, shape in (("key", ks), ("value", vs)):
+        if shape[:-3] != lead:
+            raise ValueError(f"lmkern.{op}: {name} must have query's leading (batch) dims {tuple(lead)}, got shape {tuple(shape)}")
+    if ks[-1] != qs[-1]:
+        raise ValueError(f"lmkern.{op}: key's head dim ({ks[-1]}) must equal query's ({qs[-1]})")
+    if vs[-3] != ks[-3] or vs[-2] != ks[-2]:
         raise ValueError(
-            f"lmkern.{op}: value must have key's heads and length (..., {k.shape[-3]}, {k.shape[-2]}, Dv), "
-            f"got shape {tuple(v.shape)}"
+            f"lmkern.{op}: value must have key's heads and length (..., {ks[-3]}, {ks[-2]}, Dv), "
+            f"got shape {tuple(vs)}"
         )
     enable_gqa = _check_bool(op, "enable_gqa", enable_gqa)
     is_causal = _check_bool(op, "is_causal", is_causal)
-    hq, hkv = q.shape[-3], k.shape[-3]
+    hq, hkv = qs[-3], ks[-3]
     if not enable_gqa and hq != hkv:
         raise ValueError(
             f"lmkern.{op}: key has {hkv} heads and query {hq}; pass enable_gqa=True for grouped-query attention"
@@ -548,7 +559,7 @@ def scaled_dot_product_attention(
         raise TypeError(f"lmkern.{op}: dropout_p must be a float, got {dropout_p!r}")
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"lmkern.{op}: dropout_p must be in [0, 1], got {dropout_p!r}")
-    scale = _check_scale(op, "scale", scale, q.shape[-1])
+    scale = _check_scale(op, "scale", scale, qs[-1])
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"lmkern.{op}: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
@@ -558,7 +569,7 @@ def scaled_dot_product_attention(
             raise ValueError(f"lmkern.{op}: attn_mask is on {attn_mask.device} but query is on {q.device}")
         if is_causal:
             raise ValueError(f"lmkern.{op}: pass attn_mask or is_causal=True, not both")
-        target = lead + (hq, q.shape[-2], k.shape[-2])
+        target = tuple(lead) + (hq, qs[-2], ks[-2])
         try:
             ok = torch.broadcast_shapes(tuple(attn_mask.shape), target) == torch.Size(target)
         except RuntimeError:

@@ -49,6 +49,39 @@ def test_environment_override_is_used(monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_spec_seen_before_gets_the_same_choice_without_asking_the_backends_again(monkeypatch):
+    asked = []
+    impls = dispatch._REGISTRY["rms_norm"]
+    ref = impls["reference"]
+
+    def picky(spec):  # declines bfloat16, counts how often it is asked
+        asked.append(spec.dtype)
+        return "no bfloat16 here" if spec.dtype == torch.bfloat16 else None
+
+    monkeypatch.setitem(impls, "reference", dispatch._Impl(picky, ref.run))
+    monkeypatch.setattr(dispatch, "_CHOSEN", {})
+    spec = dispatch.InputSpec("cpu", torch.float32, {"affine_dtypes": (torch.float32,)})
+    first = dispatch.select("rms_norm", "reference", spec)
+    again = dispatch.select("rms_norm", "reference", dispatch.InputSpec("cpu", torch.float32, {"affine_dtypes": (torch.float32,)}))
+    assert first == again and asked == [torch.float32]
+    # another extra, another dtype or another requested backend is a new question
+    dispatch.select("rms_norm", "reference", dispatch.InputSpec("cpu", torch.float32, {"affine_dtypes": ()}))
+    assert len(asked) == 2
+    # a refusal is not remembered: it raises with every backend's reason each time
+    bf16 = dispatch.InputSpec("cpu", torch.bfloat16, {"affine_dtypes": ()})
+    for _ in range(2):
+        with pytest.raises(dispatch.BackendError, match="no bfloat16 here"):
+            dispatch.select("rms_norm", "reference", bf16)
+    # LMKERN_BACKEND is read on every call, so changing it changes the choice
+    monkeypatch.setenv("LMKERN_BACKEND", "reference")
+    assert dispatch.select("rms_norm", None, spec)[0] == "reference"
+    monkeypatch.setenv("LMKERN_BACKEND", "auto")
+    assert dispatch.select("rms_norm", None, spec)[0] == ("cpu" if dispatch.backend_available("cpu") is None else "reference")
+    # registering a backend forgets every choice
+    dispatch.register("rms_norm", "reference", picky, ref.run)
+    assert dispatch._CHOSEN == {}
+
+
 def test_unfit_backend_error_lists_every_backend():
     x = torch.randn(2, 8)
     with pytest.raises(dispatch.BackendError) as err:

@@ -245,6 +245,31 @@ def test_multi_dim_normalized_shape(device_backend, op):
 
 
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape, normalized", [((4, 8), (4, 8)), ((7,), (7,)), ((2, 3, 5), (3, 5))])
+def test_normalized_shape_spanning_every_dim(device_backend, op, shape, normalized):
+    # inputs whose normalized dims are all (or all but one) of their dims: one row, or rows of
+    # several dims, with the residual fused; values and every gradient against torch
+    device, backend = device_backend
+    x, r = (torch.randn(shape, device=device, requires_grad=True) for _ in range(2))
+    w = torch.randn(normalized, device=device, requires_grad=True)
+    b = torch.randn(normalized, device=device, requires_grad=True)
+    if op == "layer_norm":
+        got, h = lmkern.layer_norm(x, normalized, w, b, 1e-5, residual=r, backend=backend)
+        want = torch.nn.functional.layer_norm(x + r, normalized, w, b, 1e-5)
+        leaves = (x, r, w, b)
+    else:
+        got, h = lmkern.rms_norm(x, normalized, w, 1e-6, residual=r, backend=backend)
+        want = torch.nn.functional.rms_norm(x + r, normalized, w, 1e-6)
+        leaves = (x, r, w)
+    assert got.shape == h.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, x + r)
+    g = torch.randn(shape, device=device)
+    for a, e in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_same_inputs_same_bits(device_backend, op):
     device, backend = device_backend
     inputs = make_inputs(op, "residual", 64, 777, torch.float32, device)
