@@ -4,8 +4,8 @@ The interpreter (TRITON_INTERPRET=1, how the suite runs the kernels on CPU) neve
 to PTX, so constructs that only the compiler rejects (types, layouts, loop-carried values, register
 pressure) would first show on a GPU. This script calls the real launchers on meta tensors with
 ``wrap_triton`` replaced by a recorder, then compiles every recorded launch with
-``triton.compile`` for the target architecture down to a cubin (Triton's bundled ptxas), and
-prints one line per compiled kernel.
+``triton.compile`` for the target architecture down to a cubin (Triton's bundled ptxas), checks
+that each fits the architecture's shared memory per block, and prints one line per compiled kernel.
 
     python tests/triton_gpu_compile.py 90      # sm_90 (H100); 80 for sm_80 (A100)
     python tests/triton_gpu_compile.py 90 --regs   # also ptxas registers and spills per kernel
@@ -30,6 +30,9 @@ from lmkern.kernels import norm as triton_norm  # noqa: E402
 from lmkern.kernels import sampling as triton_sampling  # noqa: E402
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
+# Shared memory one block may use (the opt-in maximum): above it the launch fails on the GPU with
+# OutOfResources, which no compile step reports. sm_80: A100's 163 KB; sm_90: H100/H200's 227 KB.
+SHARED_LIMIT = {80: 166912, 90: 232448}
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
                  torch.int32: "*i32"}
 
@@ -200,6 +203,7 @@ def ptxas_usage(compiled, arch: int) -> str:
 def main(arch: int, regs: bool = False) -> int:
     record_launches()
     seen = set()
+    over = 0
     for text, kernel, args, kwargs in recorded:
         spec = (text, kernel, repr(launch_spec(kernel, args, kwargs)))
         if spec in seen:  # the same binary again (launches that differ only in runtime scalars)
@@ -208,9 +212,12 @@ def main(arch: int, regs: bool = False) -> int:
         compiled = compile_launch(kernel, args, kwargs, arch)
         meta = compiled.metadata
         usage = ptxas_usage(compiled, arch) if regs else ""
-        print(f"sm_{arch} {text} [{getattr(kernel, '__name__', '?')}]: ok, {getattr(meta, 'num_warps', '?')} warps, "
-              f"{len(compiled.asm['cubin'])} bytes of cubin{usage}", flush=True)
-    return 0
+        fits = meta.shared <= SHARED_LIMIT[arch]
+        over += not fits
+        verdict = "ok" if fits else f"TOO MUCH SHARED MEMORY (limit {SHARED_LIMIT[arch]})"
+        print(f"sm_{arch} {text} [{getattr(kernel, '__name__', '?')}]: {verdict}, {getattr(meta, 'num_warps', '?')} warps, "
+              f"{meta.shared} bytes of shared memory, {len(compiled.asm['cubin'])} bytes of cubin{usage}", flush=True)
+    return 1 if over else 0
 
 
 if __name__ == "__main__":
