@@ -201,6 +201,24 @@ def test_sdpa_noncontiguous(kb):
     check(out, ref.sdpa(q.double(), k.double(), v.double()), ref.sdpa(q, k, v, upcast=False), f"{backend} strided")
 
 
+def test_empty_keys_with_a_strided_head_dim(kb):
+    # zero keys given as a view with last-dim stride 2: an empty tensor counts as contiguous, so
+    # making it unit-stride needs fresh storage, not contiguous(); every query row attends nothing
+    device, backend = kb
+    q = rand(2, 3, 4, 32, device=device)
+    k = rand(2, 3, 0, 64, device=device)[..., ::2]
+    v = rand(2, 3, 0, 64, device=device)[..., ::2]
+    out = lmkern.scaled_dot_product_attention(q, k, v, backend=backend)
+    assert torch.equal(out, torch.zeros_like(q))
+    out = lmkern.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=backend)
+    assert torch.equal(out, torch.zeros_like(q.transpose(1, 2)))
+    cu_q = torch.tensor([0, 4], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 0], dtype=torch.int32, device=device)
+    out = lmkern.flash_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend)
+    assert torch.equal(out, torch.zeros(4, 3, 32, dtype=q.dtype, device=device))
+
+
 # ----------------------------------------------------------------------------- flash_attention
 
 

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from lmkern import _ext, dispatch
 from lmkern.ops._fastpath import below_autograd
+from lmkern.ops._layout import unit_stride_last
 from lmkern.ops._triton import define_triton_op
 from lmkern.reference import attention as reference
 
@@ -59,13 +60,6 @@ DECODE_MAX_ROWS = 128
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-def _unit_last(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Kernels read head vectors with unit stride and any other strides."""
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
 
 
 def _fwd_outputs(q: Tensor, packed: bool) -> tuple[Tensor, Tensor]:
@@ -289,7 +283,7 @@ if triton_attention is not None:
         if q.numel() == 0:
             return out, lse
         triton_attention.attention_fwd(
-            _unit_last(q), _unit_last(k), _unit_last(v), bias, cu_seqlens_q, cu_seqlens_k, seqused_k,
+            unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), bias, cu_seqlens_q, cu_seqlens_k, seqused_k,
             max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale, out, lse,
         )
         return out, lse
@@ -316,7 +310,7 @@ if triton_attention is not None:
         if q.numel() == 0 or k.numel() == 0:
             return dq.zero_(), dk.zero_(), dv.zero_()
         triton_attention.attention_bwd(
-            _unit_last(grad_out), _unit_last(q), _unit_last(k), _unit_last(v), out, lse, bias,
+            unit_stride_last(grad_out), unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), out, lse, bias,
             cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale,
             dq, dk, dv,
         )
@@ -332,7 +326,7 @@ if HAS_TRITON_DECODE:
         if q.numel() == 0:
             return out, lse
         triton_attention.attention_decode(
-            _unit_last(q), _unit_last(k_cache), _unit_last(v_cache), cache_seqlens, causal, scale, num_splits, out, lse
+            unit_stride_last(q), unit_stride_last(k_cache), unit_stride_last(v_cache), cache_seqlens, causal, scale, num_splits, out, lse
         )
         return out, lse
 
@@ -354,7 +348,7 @@ def _cpp_backward(grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, sequs
     if grad_out is None:  # only the lse is used
         grad_out = torch.zeros_like(out)
     return torch.ops.lmkern.attention_bwd(
-        _unit_last(grad_out), grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale
+        unit_stride_last(grad_out), grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale
     )
 
 
@@ -409,10 +403,10 @@ class KernelBackend:
         self._fwd, self._decode = fwd, decode
 
     def fwd(self, q, k, v, *args):
-        return self._fwd(_unit_last(q), _unit_last(k), _unit_last(v), *args)
+        return self._fwd(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), *args)
 
     def decode(self, q, k_cache, v_cache, *args):
-        return self._decode(_unit_last(q), _unit_last(k_cache), _unit_last(v_cache), *args)
+        return self._decode(unit_stride_last(q), unit_stride_last(k_cache), unit_stride_last(v_cache), *args)
 
     def sdpa(self, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         # (..., H, S, D) -> (B, S, H, D) views: the kernels take any strides, so no copy when

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lmkern import _ext, dispatch
 from lmkern.ops._fastpath import below_autograd
+from lmkern.ops._layout import unit_stride_last
 from lmkern.ops._triton import define_triton_op
 from lmkern.reference import norm as reference
 
@@ -59,13 +60,6 @@ def _check_2d(op: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
             f"lmkern.{op}: residual must match input ({tuple(x.shape)}, {x.dtype}, {x.device}), "
             f"got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
         )
-
-
-def _rows_unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Kernels read rows with unit element stride and any row stride."""
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
 
 
 def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -119,7 +113,7 @@ if _ext.HAS_TRITON:
         _check_2d("layer_norm_fwd_triton", input, weight, bias, residual)
         out, residual_out, mean, rstd = _fwd_outputs(input, residual, is_rms=False)
         triton_norm.norm_fwd(
-            _rows_unit_stride(input), _vector(weight), _vector(bias), _rows_unit_stride(residual),
+            unit_stride_last(input), _vector(weight), _vector(bias), unit_stride_last(residual),
             out, residual_out if residual is not None else None, mean, rstd, eps, weight_offset, False,
         )
         return out, residual_out, mean, rstd
@@ -135,7 +129,7 @@ if _ext.HAS_TRITON:
         _check_2d("rms_norm_fwd_triton", input, weight, None, residual)
         out, residual_out, _, rstd = _fwd_outputs(input, residual, is_rms=True)
         triton_norm.norm_fwd(
-            _rows_unit_stride(input), _vector(weight), None, _rows_unit_stride(residual),
+            unit_stride_last(input), _vector(weight), None, unit_stride_last(residual),
             out, residual_out if residual is not None else None, None, rstd, eps, weight_offset, True,
         )
         return out, residual_out, rstd
@@ -154,7 +148,7 @@ if _ext.HAS_TRITON:
         _check_2d("layer_norm_bwd_triton", input, weight, bias, grad_residual)
         dx, dweight, dbias = _bwd_outputs(input, weight, bias)
         triton_norm.norm_bwd(
-            _rows_unit_stride(grad_out), _rows_unit_stride(grad_residual), _rows_unit_stride(input),
+            unit_stride_last(grad_out), unit_stride_last(grad_residual), unit_stride_last(input),
             _vector(weight), mean.contiguous(), rstd.contiguous(), dx,
             dweight if weight is not None else None, dbias if bias is not None else None, weight_offset, False,
         )
@@ -172,7 +166,7 @@ if _ext.HAS_TRITON:
         _check_2d("rms_norm_bwd_triton", input, weight, None, grad_residual)
         dx, dweight, _ = _bwd_outputs(input, weight, None)
         triton_norm.norm_bwd(
-            _rows_unit_stride(grad_out), _rows_unit_stride(grad_residual), _rows_unit_stride(input),
+            unit_stride_last(grad_out), unit_stride_last(grad_residual), unit_stride_last(input),
             _vector(weight), None, rstd.contiguous(), dx,
             dweight if weight is not None else None, None, weight_offset, True,
         )

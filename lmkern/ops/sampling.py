@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lmkern import _ext, dispatch
+from lmkern.ops._layout import unit_stride_last
 from lmkern.ops._triton import define_triton_op
 from lmkern.reference import sampling as reference
 
@@ -53,11 +54,6 @@ def _check_2d(op: str, logits: Tensor, **rows: Optional[Tensor]) -> None:
     for name, t in rows.items():
         if t is not None and (t.dim() != 1 or t.shape[0] != B or t.device != logits.device):
             raise ValueError(f"lmkern.{op}: {name} must have shape ({B},) on {logits.device}, got {tuple(t.shape)} on {t.device}")
-
-
-def _rows_unit_stride(t: Tensor) -> Tensor:
-    """Kernels read rows with unit element stride and any row stride (0 included)."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _row_param(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -137,7 +133,7 @@ if triton_sampling is not None:
         # scalars pass through unconverted: under torch.compile a dynamic seed is a SymInt, and
         # int() on it would specialize the graph to each new seed
         triton_sampling.sample(
-            _rows_unit_stride(logits), temperature, top_k, top_p, min_p,
+            unit_stride_last(logits), temperature, top_k, top_p, min_p,
             _row_param(temperatures, torch.float32), _row_param(top_ks, torch.int64),
             _row_param(top_ps, torch.float32), _row_param(min_ps, torch.float32),
             seed, _row_param(seeds, torch.int64), ids, logprobs if need_logprobs else None,
@@ -150,7 +146,7 @@ if triton_sampling is not None:
         probs = logits.new_empty(logits.shape, dtype=torch.float32)
         if probs.numel() == 0:
             return probs
-        triton_sampling.softmax(_rows_unit_stride(logits), temperature, _row_param(temperatures, torch.float32), probs)
+        triton_sampling.softmax(unit_stride_last(logits), temperature, _row_param(temperatures, torch.float32), probs)
         return probs
 
 

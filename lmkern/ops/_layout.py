@@ -1,0 +1,17 @@
+"""The one memory-layout requirement every lmkern kernel shares (norm rows, attention head
+vectors, sampling logits): unit stride in the last dim, any other strides (0 included)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+
+def unit_stride_last(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` itself when its last dim has unit stride (or at most one element), else a copy that
+    has it. An empty tensor gets fresh contiguous storage: its contiguous() would keep the strides,
+    since it counts as contiguous already."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous() if t.numel() else t.new_empty(t.shape)
