@@ -184,6 +184,8 @@ def rms_norm(
 # ----------------------------------------------------------------------------- sampling
 
 _U64 = 1 << 64
+_I64_MAX = (1 << 63) - 1
+_F32_MAX = torch.finfo(torch.float32).max
 _DISABLED = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
 # per-row parameter -> (kind, accepted range as text, test on a Python number, test on a tensor)
 _RANGES = {
@@ -246,6 +248,11 @@ def _per_row(op: str, name: str, value, B: int, ndim: int, device, checks: list)
         value = float(value)
     if not ok_scalar(value):
         raise ValueError(f"lmkern.{op}: {name} must be {allowed}, got {value!r}")
+    if kind == "int":
+        value = min(value, _I64_MAX)  # any k >= V keeps every token; the ops take int64
+    elif abs(value) > _F32_MAX:
+        # the kernels compute in float32, where this value is inf (as a tensor's would be)
+        raise ValueError(f"lmkern.{op}: {name} must be {allowed} and at most {_F32_MAX:.7g} (float32's largest), got {value!r}")
     return value, None
 
 
@@ -316,7 +323,10 @@ def sample(
     Args:
         logits: (B, V) floating point, any row stride; or (V,) for one row (then ids and
             logprobs are 0-d). float64 runs on the reference backend.
-        temperature: >= 0, finite.
+        temperature: >= 0 and finite in float32 (the math is float32). A temperature so small
+            (or logits so large) that ``logits / temperature`` overflows makes every overflowing
+            token +inf, tied: the draw is then among those, first index for greedy-like filters,
+            not necessarily the largest logit. Use ``temperature=0`` for argmax.
         top_k: keep the k most likely tokens; None or 0 disables, k >= V keeps everything.
         top_p: in (0, 1]; None or 1.0 disables.
         min_p: in [0, 1]; None or 0 disables.
@@ -421,8 +431,11 @@ def softmax(logits: Tensor, temperature: Union[float, Tensor] = 1.0, *, backend:
         T = 1.0
     elif isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
         T = float(temperature)
-        if not 0 <= T < math.inf:
-            raise ValueError(f"lmkern.{op}: temperature must be finite and >= 0 (0 gives one-hot), got {temperature!r}")
+        if not 0 <= T <= _F32_MAX:  # the kernels divide in float32, where a larger T is inf
+            raise ValueError(
+                f"lmkern.{op}: temperature must be >= 0 (0 gives one-hot) and at most {_F32_MAX:.7g} "
+                f"(float32's largest), got {temperature!r}"
+            )
     else:
         raise TypeError(f"lmkern.{op}: temperature must be a float or a floating-point tensor, got {temperature!r}")
     if logits.numel() == 0:

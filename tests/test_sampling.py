@@ -133,7 +133,7 @@ def test_top_k_of_v_or_more_is_no_filter(device_backend):
     device, backend = device_backend
     x = _logits(200, 33, device, scale=1.0)
     base = lmkern.sample(x, seed=9, backend=backend)
-    for k in (33, 34, 10**6, 0):
+    for k in (33, 34, 10**6, 2**63 - 1, 2**63, 2**70, 0):  # beyond int64 too: still no filter
         assert torch.equal(lmkern.sample(x, top_k=k, seed=9, backend=backend), base)
     assert torch.equal(lmkern.sample(x, top_p=1.0, min_p=0.0, seed=9, backend=backend), base)
 
@@ -145,6 +145,21 @@ def test_ties_at_the_kth_value_are_all_kept(device_backend):
     ids = lmkern.sample(x, top_k=2, seed=torch.arange(B), backend=backend)
     counts = torch.bincount(ids.cpu(), minlength=6)
     assert counts[4:].sum() == 0 and (counts[1:4] > 0).all(), counts.tolist()
+
+
+def test_ties_at_the_kth_value_are_kept_when_z_is_subnormal(device_backend):
+    # T = 1e37 puts z = x / T among float32's subnormals, whose steps are absolute (2^-149), so
+    # many logits that differ share one z: the tie at the k-th z is all of them, as in the
+    # float64 sort; a relative bound on raw logits alone would drop some (the CPU's fast path did)
+    device, backend = device_backend
+    V, B, T = 2000, 300, 1e37
+    x = 1e-3 + (torch.randperm(V) % 9).float() * 3e-8
+    z = x / T
+    tied = (z >= torch.sort(z, descending=True).values[0]).nonzero().flatten()
+    assert 100 < len(tied) < V  # the case this test is about: a large tie, not everything
+    ids = lmkern.sample(x.to(device).expand(B, V), temperature=T, top_k=1, seed=torch.arange(B), backend=backend).cpu()
+    assert torch.isin(ids, tied).all()
+    assert len(set(ids.tolist())) > B // 2  # drawn uniformly over ~220 tied tokens: most draws differ
 
 
 def test_minus_inf_logits_are_never_drawn(device_backend):

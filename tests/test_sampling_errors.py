@@ -57,6 +57,15 @@ def test_bad_temperature(device_backend, x, T):
         lmkern.softmax(x, T)
 
 
+@pytest.mark.parametrize("T", [1e39, 3.5e38])
+def test_temperature_beyond_float32(device_backend, x, T):
+    # finite as a Python float, inf in the kernels' float32 (as a tensor's value would be)
+    with pytest.raises(ValueError, match="temperature.*float32"):
+        _sample(device_backend, x, T)
+    with pytest.raises(ValueError, match="temperature.*float32"):
+        lmkern.softmax(x, T)
+
+
 @pytest.mark.parametrize("T", [None, "1.0", True, 1j])
 def test_temperature_wrong_type(device_backend, x, T):
     with pytest.raises(TypeError, match="temperature"):

@@ -181,12 +181,14 @@ LMKERN_INLINE RowScan scan_range(const T* x, Range rg) {
 }
 
 // A raw-logit bound for a bound on z = fl(x / T): every x with fl(x / T) >= bound has x >= the
-// result (a little below bound * T: both roundings are within 2^-24 relative, the margin is 2^-20
-// plus an absolute 1e-30 for subnormals). Tokens between it and the exact bound are false
-// positives that the caller's exact test drops. Where bound * T is not finite (an overflowed z at
-// a tiny T, or T = inf), every token passes.
+// result. fl(x / T) rounds to within half a step of z's format at bound: 2^-24 relative for a
+// normal z, but the fixed 2^-149 of a subnormal one (a huge T), which is far coarser; so bound
+// first steps down by the larger of 2^-20 relative and 2^-147, then the product * T by 2^-20
+// relative (its own rounding) and 1e-30. Tokens between it and the exact bound are false positives
+// that the caller's exact test drops. Where the product is not finite (an overflowed z at a tiny
+// T, or T = inf), every token passes.
 inline float raw_bound(float bound, float temp) {
-  const float b = bound * temp;
+  const float b = (bound - std::max(std::fabs(bound) * 0x1p-20f, 0x1p-147f)) * temp;
   if (!std::isfinite(b)) return -kInf;
   return b - std::fabs(b) * 0x1p-20f - 1e-30f;
 }
