@@ -164,9 +164,14 @@ def _causal_offset(seqlen_q, seqlen_k, TOP_LEFT: tl.constexpr):
 
 @triton.jit
 def _bias_log2(BIAS, rows, cols, stride_row, stride_col, mask):
-    """A tile of the additive bias, fp32, in the log2 domain of the scores."""
+    """A tile of the additive bias, fp32, in the log2 domain of the scores. A finite bias below
+    -2.3e38 (Hugging Face masks with float32's min) would overflow to -inf once times log2(e) and
+    read as "no key": it is raised to -2.3e38, which still weighs nothing beside any ordinary
+    score, so a row of only such values attends its keys uniformly, as torch does. -inf stays."""
     bias = tl.load(BIAS + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
-    return bias.to(tl.float32) * 1.4426950408889634
+    bias = bias.to(tl.float32)
+    bias = tl.where((bias < -2.3e38) & (bias != float("-inf")), -2.3e38, bias)
+    return bias * 1.4426950408889634
 
 
 @triton.jit

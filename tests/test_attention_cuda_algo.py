@@ -182,6 +182,12 @@ def forward_case(exe, tmp_path, dtype, D, Hq, Hkv, seqs_q, seqs_k, packed, causa
         base = torch.randn(B * Hq * Sq * Sk)
         base[::7] = -INF
         strides = [Hq * Sq * Sk, Sq * Sk, Sk, 1]
+    elif bias_mode == "float32_min_rows":  # Hugging Face's masking value: rows of only it attend uniformly
+        base = torch.randn(B, Hq, Sq, Sk)
+        base[:, :, :3] = torch.finfo(torch.float32).min
+        base[:, :, 3, ::2] = torch.finfo(torch.float32).min
+        base = base.flatten()
+        strides = [Hq * Sq * Sk, Sq * Sk, Sk, 1]
     elif bias_mode == "broadcast_transposed":  # (1, 1, Sq, Sk) from a (Sk, Sq) buffer
         base = torch.randn(Sk * Sq)
         strides = [0, 0, 1, Sq]
@@ -221,6 +227,11 @@ def forward_case(exe, tmp_path, dtype, D, Hq, Hkv, seqs_q, seqs_k, packed, causa
             out64[q0:q1], lse64[:, q0:q1] = o, l
         else:
             out64[b], lse64[b] = o, l
+    if bias_mode == "float32_min_rows":
+        # the kernels score in log2 units, where float32's min does not fit: those rows' lse is
+        # about -2.3e38 (the floor) instead of -3.4e38; both mean "far below any real score"
+        assert (lse[:, :, :3] < -2.2e38).all() and (lse[:, :, :3] > -2.4e38).all()
+        lse64[:, :, :3] = lse[:, :, :3].double()
     check(out, lse, out64, lse64, dtype,
           f"forward {dtype} D={D} heads={Hq}/{Hkv} q={seqs_q} k={seqs_k} packed={packed} "
           f"causal={causal}/{top_left} used={used} bias={bias_mode}", p_rounded=True)
@@ -256,6 +267,8 @@ def test_forward_bias_seqused(algo, tmp_path):
                  used=[75, 9], bias_mode="full")
     forward_case(algo, tmp_path, torch.bfloat16, 32, 2, 1, [40, 40], [75, 75], False, True, False,
                  bias_mode="broadcast_transposed")
+    forward_case(algo, tmp_path, torch.float16, 64, 2, 1, [40, 40], [75, 75], False, False, False,
+                 bias_mode="float32_min_rows")
 
 
 @pytest.mark.parametrize("dtype, causal, top_left", [(torch.bfloat16, True, False), (torch.float16, False, False),

@@ -219,6 +219,62 @@ def test_empty_keys_with_a_strided_head_dim(kb):
     assert torch.equal(out, torch.zeros(4, 3, 32, dtype=q.dtype, device=device))
 
 
+def test_float32_min_mask_rows_attend_uniformly(kb):
+    # Hugging Face masks with float32's min, not -inf: a row of only that value attends its keys
+    # uniformly in torch; the kernels' log2-domain scores must not overflow it into "no key"
+    device, backend = kb
+    q, k, v = (rand(1, 2, n, 16, device=device, grad=True) for n in (6, 7, 7))
+    mask = torch.randn(6, 7, device=device)
+    mask[:2] = torch.finfo(torch.float32).min
+    mask[2, ::2] = torch.finfo(torch.float32).min
+    out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[..., :2, :].double(), v64.mean(-2, keepdim=True).expand(1, 2, 2, 16), rtol=1e-4, atol=1e-4)
+    # gradients as Hugging Face trains: its loss ignores the padded rows (no gradient arrives there)
+    g = torch.randn_like(want)
+    g[..., :2, :] = 0
+    for got, exp in zip(torch.autograd.grad(out, (q, k, v), g.float()), torch.autograd.grad(want, (q64, k64, v64), g)):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-3, atol=1e-3)
+
+
+def test_float32_min_mask_rows_gradient(kb, request):
+    # A gradient arriving at a row whose every score is near float32's min: the cpu backward
+    # recomputes probabilities as exp(s - lse), and at that magnitude lse has lost log(row sum)
+    # (float32 spacing there is ~2e31), so they sum to the row length, not 1. Known, open.
+    device, backend = kb
+    if backend == "cpu":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="cpu backward: lse of float32-min rows absorbs log(sum)"))
+    q, k, v = (rand(1, 1, n, 16, device=device, grad=True) for n in (3, 5, 5))
+    mask = torch.full((3, 5), torch.finfo(torch.float32).min, device=device)
+    out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask.double())
+    g = torch.randn_like(want)
+    for got, exp in zip(torch.autograd.grad(out, (q, k, v), g.float()), torch.autograd.grad(want, (q64, k64, v64), g)):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-3, atol=1e-3)
+
+
+def test_index_tensors_given_as_views(kb):
+    # cache_seqlens expanded from one value (stride 0) and cu_seqlens as strided views: the same
+    # answers as their contiguous copies (the kernels index them as plain arrays)
+    device, backend = kb
+    q, kc, vc = rand(3, 1, 2, 16, device=device), rand(3, 20, 2, 16, device=device), rand(3, 20, 2, 16, device=device)
+    lens = torch.tensor([7], dtype=torch.int32, device=device).expand(3)
+    got = lmkern.attention_with_kvcache(q, kc, vc, lens, backend=backend)
+    assert torch.equal(got, lmkern.attention_with_kvcache(q, kc, vc, lens.contiguous(), backend=backend))
+    qp, kp, vp = (rand(n, 2, 16, device=device, grad=True) for n in (10, 12, 12))
+    cu_q = torch.tensor([0, -1, 4, -1, 10], dtype=torch.int32, device=device)[::2]
+    cu_k = torch.tensor([0, 7, 3, 7, 12], dtype=torch.int32, device=device)[::2]
+    outs = [lmkern.flash_attention(qp, kp, vp, causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck, backend=backend)
+            for cq, ck in ((cu_q, cu_k), (cu_q.contiguous(), cu_k.contiguous()))]
+    assert torch.equal(outs[0], outs[1])
+    g = torch.randn_like(outs[0])
+    for a, b in zip(torch.autograd.grad(outs[0], (qp, kp, vp), g), torch.autograd.grad(outs[1], (qp, kp, vp), g)):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- flash_attention
 
 

@@ -15,3 +15,9 @@ def unit_stride_last(t: Optional[Tensor]) -> Optional[Tensor]:
     if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
         return t
     return t.contiguous() if t.numel() else t.new_empty(t.shape)
+
+
+def contiguous_or_none(t: Optional[Tensor]) -> Optional[Tensor]:
+    """For what kernels index as a plain array (weights, cu_seqlens, cache_seqlens, per-row
+    parameters): a stride-0 or strided view becomes a dense copy."""
+    return None if t is None else t.contiguous()

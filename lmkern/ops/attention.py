@@ -46,7 +46,7 @@ from torch import Tensor
 
 from lmkern import _ext, dispatch
 from lmkern.ops._fastpath import below_autograd
-from lmkern.ops._layout import unit_stride_last
+from lmkern.ops._layout import contiguous_or_none, unit_stride_last
 from lmkern.ops._triton import define_triton_op
 from lmkern.reference import attention as reference
 
@@ -283,8 +283,9 @@ if triton_attention is not None:
         if q.numel() == 0:
             return out, lse
         triton_attention.attention_fwd(
-            unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), bias, cu_seqlens_q, cu_seqlens_k, seqused_k,
-            max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale, out, lse,
+            unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), bias, contiguous_or_none(cu_seqlens_q),
+            contiguous_or_none(cu_seqlens_k), contiguous_or_none(seqused_k), max_seqlen_q, max_seqlen_k, causal,
+            causal_top_left, scale, out, lse,
         )
         return out, lse
 
@@ -311,8 +312,8 @@ if triton_attention is not None:
             return dq.zero_(), dk.zero_(), dv.zero_()
         triton_attention.attention_bwd(
             unit_stride_last(grad_out), unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), out, lse, bias,
-            cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale,
-            dq, dk, dv,
+            contiguous_or_none(cu_seqlens_q), contiguous_or_none(cu_seqlens_k), contiguous_or_none(seqused_k),
+            max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale, dq, dk, dv,
         )
         return dq, dk, dv
 
@@ -326,7 +327,8 @@ if HAS_TRITON_DECODE:
         if q.numel() == 0:
             return out, lse
         triton_attention.attention_decode(
-            unit_stride_last(q), unit_stride_last(k_cache), unit_stride_last(v_cache), cache_seqlens, causal, scale, num_splits, out, lse
+            unit_stride_last(q), unit_stride_last(k_cache), unit_stride_last(v_cache), cache_seqlens.contiguous(), causal,
+            scale, num_splits, out, lse,
         )
         return out, lse
 

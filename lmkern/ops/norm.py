@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lmkern import _ext, dispatch
 from lmkern.ops._fastpath import below_autograd
-from lmkern.ops._layout import unit_stride_last
+from lmkern.ops._layout import contiguous_or_none, unit_stride_last
 from lmkern.ops._triton import define_triton_op
 from lmkern.reference import norm as reference
 
@@ -60,10 +60,6 @@ def _check_2d(op: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
             f"lmkern.{op}: residual must match input ({tuple(x.shape)}, {x.dtype}, {x.device}), "
             f"got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
         )
-
-
-def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
 
 
 # ----------------------------------------------------------------------------- fake implementations
@@ -113,7 +109,7 @@ if _ext.HAS_TRITON:
         _check_2d("layer_norm_fwd_triton", input, weight, bias, residual)
         out, residual_out, mean, rstd = _fwd_outputs(input, residual, is_rms=False)
         triton_norm.norm_fwd(
-            unit_stride_last(input), _vector(weight), _vector(bias), unit_stride_last(residual),
+            unit_stride_last(input), contiguous_or_none(weight), contiguous_or_none(bias), unit_stride_last(residual),
             out, residual_out if residual is not None else None, mean, rstd, eps, weight_offset, False,
         )
         return out, residual_out, mean, rstd
@@ -129,7 +125,7 @@ if _ext.HAS_TRITON:
         _check_2d("rms_norm_fwd_triton", input, weight, None, residual)
         out, residual_out, _, rstd = _fwd_outputs(input, residual, is_rms=True)
         triton_norm.norm_fwd(
-            unit_stride_last(input), _vector(weight), None, unit_stride_last(residual),
+            unit_stride_last(input), contiguous_or_none(weight), None, unit_stride_last(residual),
             out, residual_out if residual is not None else None, None, rstd, eps, weight_offset, True,
         )
         return out, residual_out, rstd
@@ -149,7 +145,7 @@ if _ext.HAS_TRITON:
         dx, dweight, dbias = _bwd_outputs(input, weight, bias)
         triton_norm.norm_bwd(
             unit_stride_last(grad_out), unit_stride_last(grad_residual), unit_stride_last(input),
-            _vector(weight), mean.contiguous(), rstd.contiguous(), dx,
+            contiguous_or_none(weight), mean.contiguous(), rstd.contiguous(), dx,
             dweight if weight is not None else None, dbias if bias is not None else None, weight_offset, False,
         )
         return dx, dweight, dbias
@@ -167,7 +163,7 @@ if _ext.HAS_TRITON:
         dx, dweight, _ = _bwd_outputs(input, weight, None)
         triton_norm.norm_bwd(
             unit_stride_last(grad_out), unit_stride_last(grad_residual), unit_stride_last(input),
-            _vector(weight), None, rstd.contiguous(), dx,
+            contiguous_or_none(weight), None, rstd.contiguous(), dx,
             dweight if weight is not None else None, None, weight_offset, True,
         )
         return dx, dweight

@@ -41,6 +41,14 @@ namespace lmkern {
 namespace attention_kernels {
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// An additive bias as the kernels scale it by log2(e): a finite value below -2.3e38 (Hugging
+// Face masks with float32's min) would overflow to -inf there and read as "no key", so it is
+// raised to -2.3e38, which still weighs nothing beside any ordinary score (a row of only such
+// values attends its keys uniformly, as torch does). -inf stays -inf.
+__host__ __device__ inline float bias_floor(float b) {
+  return b < -2.3e38f && b != -INFINITY ? -2.3e38f : b;
+}
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kFullMask = 0xffffffffu;
 

@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
             for (int c = 0; c < 2; ++c) {
               const int64_t col = n0 + j * 8 + t4 * 2 + c;
               if (col < n_end) {
-                s[j][e + c] = fmaf(__ldg(brow + col * p.bias_col_stride), kLog2e, s[j][e + c]);
+                s[j][e + c] = fmaf(bias_floor(__ldg(brow + col * p.bias_col_stride)), kLog2e, s[j][e + c]);
               }
             }
           }
