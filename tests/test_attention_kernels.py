@@ -256,6 +256,17 @@ def test_float32_min_mask_rows_gradient(kb, request):
         torch.testing.assert_close(got.double(), exp, rtol=1e-3, atol=1e-3)
 
 
+def test_double_backward_raises_instead_of_a_wrong_answer(kb):
+    # the kernels' backward has no derivative: a gradient of a gradient must fail loudly (the
+    # C++ one used to be taken for constant, with only a warning)
+    device, backend = kb
+    q, k, v = (rand(1, 2, 5, 16, device=device, grad=True) for _ in range(3))
+    out = lmkern.scaled_dot_product_attention(q, k, v, backend=backend)
+    (gq,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="attention_bwd"):
+        gq.pow(2).sum().backward()
+
+
 def test_index_tensors_given_as_views(kb):
     # cache_seqlens expanded from one value (stride 0) and cu_seqlens as strided views: the same
     # answers as their contiguous copies (the kernels index them as plain arrays)

@@ -82,3 +82,25 @@ def test_compile_with_dynamic_shapes(device_backend):
 def test_backend_names_are_registered():
     for op in ("layer_norm", "rms_norm"):
         assert set(dispatch._REGISTRY[op]) == set(dispatch.BACKENDS)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_double_backward_raises_on_the_kernels_and_works_on_the_reference(device_backend, op):
+    # the kernels' backward has no derivative: a gradient of a gradient fails loudly (the C++ one
+    # used to be taken for constant, with only a warning, and gave zeros); the reference is torch
+    device, backend = device_backend
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+    w = torch.randn(16, device=device, requires_grad=True)
+    f = getattr(lmkern, op)
+    y = f(x, (16,), w, backend=backend)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    if backend != "reference":
+        with pytest.raises(RuntimeError, match=f"{op}_bwd"):
+            gx.pow(2).sum().backward()
+        return
+    gx.pow(2).sum().backward()
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    y64 = getattr(torch.nn.functional, op)(x64, (16,), w64)
+    (g64,) = torch.autograd.grad(y64.pow(2).sum(), x64, create_graph=True)
+    g64.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-3)

@@ -44,3 +44,19 @@ def below_autograd(op: Callable[..., Any]) -> Callable[..., Any]:
 
     call.op = op  # the wrapped op, for introspection and tests
     return call
+
+
+def first_order_only(qualname: str) -> None:
+    """Gives the backward op ``qualname`` (one defined in C++, which carries no autograd formula)
+    an autograd formula that refuses to be differentiated. Without one, torch differentiates
+    such an op as if it were constant, with only a warning: a double backward (create_graph=True,
+    then a gradient of the gradient) through lmkern's kernels came out silently wrong. The ops
+    defined in Python (Triton) raise torch's own error for this."""
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(
+            f"{qualname} has no derivative: lmkern's kernels give first-order gradients only; for a "
+            "gradient of a gradient use backend='reference'"
+        )
+
+    torch.library.register_autograd(qualname, refuse, setup_context=lambda ctx, inputs, output: None)

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from lmkern import _ext, dispatch
-from lmkern.ops._fastpath import below_autograd
+from lmkern.ops._fastpath import below_autograd, first_order_only
 from lmkern.ops._layout import contiguous_or_none, unit_stride_last
 from lmkern.ops._triton import define_triton_op
 from lmkern.reference import attention as reference
@@ -386,6 +386,8 @@ def _register_autograd(fwd: str, backward) -> None:
 
 if _HAS_SCHEMAS:
     _register_autograd("attention_fwd", _cpp_backward)
+if _HAS_BWD_SCHEMA:
+    first_order_only("lmkern::attention_bwd")
 if triton_attention is not None:
     _register_autograd("attention_fwd_triton", _triton_backward)
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lmkern import _ext, dispatch
-from lmkern.ops._fastpath import below_autograd
+from lmkern.ops._fastpath import below_autograd, first_order_only
 from lmkern.ops._layout import contiguous_or_none, unit_stride_last
 from lmkern.ops._triton import define_triton_op
 from lmkern.reference import norm as reference
@@ -218,6 +218,8 @@ def _register_rms_norm_autograd(fwd: str, bwd: str) -> None:
 if _ext.HAS_CPP:
     _register_layer_norm_autograd("layer_norm_fwd", "layer_norm_bwd")
     _register_rms_norm_autograd("rms_norm_fwd", "rms_norm_bwd")
+    first_order_only("lmkern::layer_norm_bwd")
+    first_order_only("lmkern::rms_norm_bwd")
 if _ext.HAS_TRITON:
     _register_layer_norm_autograd("layer_norm_fwd_triton", "layer_norm_bwd_triton")
     _register_rms_norm_autograd("rms_norm_fwd_triton", "rms_norm_bwd_triton")
