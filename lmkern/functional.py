@@ -782,7 +782,9 @@ def attention_with_kvcache(
             )
     causal = _check_bool(op, "causal", causal)
     scale = _check_scale(op, "softmax_scale", softmax_scale, D)
-    if not _is_int(num_splits) or num_splits < 0:
+    if not _is_int(num_splits):
+        raise TypeError(f"lmkern.{op}: num_splits must be an int >= 0 (0 = the kernel's choice), got {num_splits!r}")
+    if num_splits < 0:
         raise ValueError(f"lmkern.{op}: num_splits must be an int >= 0 (0 = the kernel's choice), got {num_splits!r}")
     spec = attention_ops.attention_spec(q, k_cache, v_cache, gqa=Hq != k_cache.shape[2], causal=causal)
     _, run = dispatch.select(op, backend, spec)

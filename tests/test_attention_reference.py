@@ -462,6 +462,11 @@ def test_bad_cache_seqlens():
         lmkern.attention_with_kvcache(q, kc, vc[:, :5], 3)
     with pytest.raises(ValueError, match="k_cache's head dim"):
         lmkern.attention_with_kvcache(q, kc[..., :4], vc[..., :4], 3)
+    with pytest.raises(ValueError, match="num_splits"):
+        lmkern.attention_with_kvcache(q, kc, vc, 3, num_splits=-1)
+    for wrong_type in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="num_splits"):
+            lmkern.attention_with_kvcache(q, kc, vc, 3, num_splits=wrong_type)
 
 
 # ----------------------------------------------------------------------------- torch.compile
