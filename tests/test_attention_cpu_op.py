@@ -177,6 +177,36 @@ def test_seqused_k_never_reads_past_the_prefix(dtype):
         assert (out[2] == 0).all() and torch.isneginf(lse[2]).all()
 
 
+# Work items of a few rows (decode: Sq x G rows per kv head) run their own kernel, lanes along the
+# head dim (run_item_few in csrc/cpu/attention_cpu_kernels.h): rows 1 to 8, head dims with and
+# without a partial register, key counts around its blocks, causal, bias and seqused_k.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Sq,G", [(1, 1), (1, 3), (2, 2), (1, 8), (3, 1)])
+@pytest.mark.parametrize("D", [1, 20, 64, 128, 256])
+def test_few_row_items(dtype, Sq, G, D):
+    B, Hkv, Smax = 3, 2, 300
+    q = torch.randn(B, Sq, Hkv * G, D, dtype=dtype)
+    k, v = bhsd(B, Smax, Hkv, D, dtype), bhsd(B, Smax, Hkv, D, dtype)
+    used = torch.tensor([300, 1, 65], dtype=torch.int32)
+    run_dense(q, k, v, "few rows", used=used, causal=True)
+    run_dense(q, k[:, :7], v[:, :7], "few rows, 7 keys", causal=Sq > 1, scale=0.3)
+    bias = torch.randn(B, Hkv * G, Sq, Smax).masked_fill(torch.rand(B, Hkv * G, Sq, Smax) < 0.2, -INF)
+    bias[1, 0, 0] = -INF  # a fully masked row
+    out, lse = run_dense(q, k, v, "few rows, bias", bias=bias)
+    assert (out[1, 0, 0] == 0).all() and torch.isneginf(lse[1, 0, 0])
+
+
+def test_few_row_items_nan():
+    """A NaN query poisons its own row only; a NaN value element only its own output dim."""
+    q, k, v = torch.randn(1, 1, 4, 40), torch.randn(1, 90, 2, 40), torch.randn(1, 90, 2, 40)
+    q[0, 0, 1, 5] = float("nan")
+    v[0, 70, 1, 33] = float("nan")
+    out, lse = op(q, k, v)
+    assert out[0, 0, 1].isnan().all() and lse[0, 1, 0].isnan()
+    assert not out[0, 0, 0].isnan().any() and torch.isfinite(lse[0, 0, 0])
+    assert out[0, 0, 2:, 33].isnan().all() and not out[0, 0, 2:, :33].isnan().any()
+
+
 # Packed sequences of every kind: empty on both sides, keys without queries, queries without keys,
 # Sq < Sk, Sq > Sk, long, equal.
 VARLEN_Q = [5, 0, 0, 3, 40, 1, 130, 7]
@@ -481,8 +511,10 @@ def test_portable_isa(tmp_path):
     """The portable (non-x86) kernels, forward and backward, selected with LMKERN_CPU_ISA in a
     fresh process."""
     cases, grad_outs, refs = [], [], []
-    for dtype, D, causal in [(torch.float32, 80, True), (torch.bfloat16, 3, False), (torch.float16, 64, True)]:
-        q, k, v = bhsd(2, 37, 4, D, dtype), bhsd(2, 71, 2, D, dtype), bhsd(2, 71, 2, D, dtype)
+    # (Sq = 1: items of two rows, the few-row kernel)
+    for dtype, D, causal, Sq in [(torch.float32, 80, True, 37), (torch.bfloat16, 3, False, 37),
+                                 (torch.float16, 64, True, 37), (torch.float32, 20, True, 1)]:
+        q, k, v = bhsd(2, Sq, 4, D, dtype), bhsd(2, 71, 2, D, dtype), bhsd(2, 71, 2, D, dtype)
         used = torch.tensor([71, 20], dtype=torch.int32)
         cases.append((q, k, v, None, None, None, used, 0, 0, causal, False, 0.3))
         grad_outs.append(torch.randn(q.shape).to(dtype))

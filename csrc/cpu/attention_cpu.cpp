@@ -123,9 +123,12 @@ int64_t scratch_floats(int D, int64_t ld, int bn, int cw) {
 // One instruction set's kernels, each per dtype (float, Half, BFloat16).
 struct Kernel {
   int bn, cw;                                   // forward: keys per block, rows per chunk
+  bool (*few_rows_item)(int rows, int64_t D);   // forward: whether an item runs run_few,
+  int64_t (*few_scratch)(int64_t D);            //   with this much scratch
   int bwd_bn;                                   // backward: keys per block
   int64_t (*bwd_scratch)(int64_t dp);           // backward: per-thread scratch floats
   void (*run[3])(const AttnItemView&, float*);  // forward item
+  void (*run_few[3])(const AttnItemView&, float*);
   // The backward's passes: 1 (rows of a group), 2 (key blocks of a group), 3 (rows of a group).
   void (*bwd_pack[3])(const AttnBwdView&, int64_t, int64_t);
   void (*bwd_keys[3])(const AttnBwdView&, int64_t, int64_t, float*, float*);
@@ -133,9 +136,10 @@ struct Kernel {
 };
 
 #define LMKERN_PER_DTYPE(f) {&f<float>, &f<Half>, &f<BFloat16>}
-#define LMKERN_ATTN_KERNEL(ns)                                                   \
-  Kernel{ns::BN, ns::CW, ns::kBwdBN, &ns::bwd_scratch_floats,                    \
-         LMKERN_PER_DTYPE(ns::run_item), LMKERN_PER_DTYPE(ns::bwd_pack),         \
+#define LMKERN_ATTN_KERNEL(ns)                                                          \
+  Kernel{ns::BN, ns::CW, &ns::few_rows_item, &ns::few_scratch_floats, ns::kBwdBN,       \
+         &ns::bwd_scratch_floats, LMKERN_PER_DTYPE(ns::run_item),                       \
+         LMKERN_PER_DTYPE(ns::run_item_few), LMKERN_PER_DTYPE(ns::bwd_pack),            \
          LMKERN_PER_DTYPE(ns::bwd_key_blocks), LMKERN_PER_DTYPE(ns::bwd_store_dq)}
 
 const Kernel& kernel() {
@@ -356,8 +360,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
-  const auto run = kern.run[dtype_index(q.scalar_type())];
-  const int64_t nscratch = scratch_floats(base.D, base.ld, kern.bn, kern.cw);
+  const int dt = dtype_index(q.scalar_type());
+  const int64_t nscratch =
+      std::max(scratch_floats(base.D, base.ld, kern.bn, kern.cw), kern.few_scratch(base.D));
   for_each_item(static_cast<int64_t>(items.size()), [&](int64_t i) {
     AttnItemView w = base;
     const Item& it = items[i];
@@ -366,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     w.row0 = it.row0;
     w.rows = it.rows;
     w.causal_shift = causal_shift(w.s, causal_top_left);
-    run(w, thread_scratch(nscratch));
+    (kern.few_rows_item(it.rows, D) ? kern.run_few[dt] : kern.run[dt])(w, thread_scratch(nscratch));
   });
   return {out, lse};
 }

@@ -247,3 +247,184 @@ void run_item(const AttnItemView& w, float* scratch) {
     }
   }
 }
+
+// ----------------------------------------------------------------------------- few-row items
+//
+// An item of a few rows (decode: one query against the cache, times the heads of its group)
+// would fill only `rows` of run_item's CW lanes. These items run with the lanes along the head
+// dim instead: per key block, for each row, the scores are dot products over D (kFewKeys keys at
+// a time, then one horizontal sum each), the online softmax runs down the block's keys, and the
+// output accumulator (one fp32 row of D) takes p_j * v_j key by key. Keys and values are read
+// straight from their tensors (no conversion buffer); the rows of a group share each block
+// while it is in cache.
+
+constexpr int kFewRows = L;              // the most rows an item of run_item_few may have
+constexpr int kFewKeys = 8;              // keys per dot-product step: independent FMA chains
+constexpr int kFewRegs = 4;              // registers of output dims per pass over a block's values
+constexpr int kFewChunk = kFewRegs * L;
+constexpr int64_t kFewBlockBytes = 32768;  // a block's keys and values
+
+// Whether an item of `rows` rows on head dim D runs run_item_few. The cost of run_item_few grows
+// with the rows, run_item's does not (up to a chunk of CW lanes); measured on AVX2 (2-core EPYC,
+// 1024 keys) they break even near L rows at D = 64 and near L / 2 at D = 128, where one row of
+// run_item_few costs twice as much.
+constexpr bool few_rows_item(int rows, int64_t D) {
+  return rows <= (D <= 64 ? kFewRows : kFewRows / 2);
+}
+
+// Floats of per-thread scratch for run_item_few on head dim D.
+constexpr int64_t few_scratch_floats(int64_t D) {
+  const int64_t dp = (D + L - 1) / L * L;
+  return 2 * kFewRows * dp + (BN + L) + 2 * kFewRows;
+}
+
+// s[i] = scale * dot(q, key i) for NK keys (row stride ldk), D terms; q holds D floats padded
+// with zeros to a whole register.
+template <int NK, class T>
+LMKERN_INLINE void few_dots(const float* q, const T* k, int64_t ldk, int64_t D, float* s,
+                            float scale) {
+  R acc[NK];
+  for (int i = 0; i < NK; ++i) acc[i] = Isa::zero();
+  int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    const R qv = Isa::load(q + d);
+    for (int i = 0; i < NK; ++i) acc[i] = Isa::fmadd(qv, Isa::load(k + i * ldk + d), acc[i]);
+  }
+  if (d < D) {
+    const R qv = Isa::load(q + d);
+    const int n = static_cast<int>(D - d);
+    for (int i = 0; i < NK; ++i) acc[i] = Isa::fmadd(qv, Isa::load(k + i * ldk + d, n), acc[i]);
+  }
+  for (int i = 0; i < NK; ++i) s[i] = Isa::hsum(acc[i]) * scale;
+}
+
+// acc[0, n) = acc * alpha + sum_{j < nb} p[j] * V_j[0, n), n <= kFewChunk in NR registers (the
+// last one partial unless FULL); V_j at v + j * ldv.
+template <int NR, bool FULL, class T>
+LMKERN_INLINE void few_pv(const T* v, int64_t ldv, int nb, const float* p, float* acc, int n,
+                          float alpha) {
+  const int tail = n - (NR - 1) * L;
+  R a[NR];
+  const R al = Isa::set1(alpha);
+  for (int r = 0; r < NR; ++r) a[r] = Isa::mul(Isa::load(acc + r * L), al);
+  for (int j = 0; j < nb; ++j, v += ldv) {
+    const R pj = Isa::set1(p[j]);
+    for (int r = 0; r < NR - 1; ++r) a[r] = Isa::fmadd(pj, Isa::load(v + r * L), a[r]);
+    const R last = FULL ? Isa::load(v + (NR - 1) * L) : Isa::load(v + (NR - 1) * L, tail);
+    a[NR - 1] = Isa::fmadd(pj, last, a[NR - 1]);
+  }
+  for (int r = 0; r < NR; ++r) Isa::store(acc + r * L, a[r]);  // acc is padded: whole registers
+}
+
+template <class T>
+LMKERN_INLINE void few_pv_chunk(const T* v, int64_t ldv, int nb, const float* p, float* acc,
+                                int n, float alpha) {
+  const bool full = n % L == 0;
+  switch ((n + L - 1) / L) {
+    case 1: return full ? few_pv<1, true>(v, ldv, nb, p, acc, n, alpha)
+                        : few_pv<1, false>(v, ldv, nb, p, acc, n, alpha);
+    case 2: return full ? few_pv<2, true>(v, ldv, nb, p, acc, n, alpha)
+                        : few_pv<2, false>(v, ldv, nb, p, acc, n, alpha);
+    case 3: return full ? few_pv<3, true>(v, ldv, nb, p, acc, n, alpha)
+                        : few_pv<3, false>(v, ldv, nb, p, acc, n, alpha);
+    default: return full ? few_pv<4, true>(v, ldv, nb, p, acc, n, alpha)
+                         : few_pv<4, false>(v, ldv, nb, p, acc, n, alpha);
+  }
+  static_assert(kFewRegs == 4, "few_pv_chunk covers 1 to 4 registers");
+}
+
+// Runs one item of at most kFewRows rows; scratch holds few_scratch_floats(D) floats.
+template <class T>
+void run_item_few(const AttnItemView& w, float* scratch) {
+  const int D = w.D, rows = w.rows;
+  const int64_t dp = (D + L - 1) / L * L;
+  float* qf = scratch;                   // rows x dp: the queries in fp32, zero padded
+  float* acc = qf + kFewRows * dp;       // rows x dp: the output accumulators
+  float* s = acc + kFewRows * dp;        // BN + L: one row's scores (then p) for a block
+  float* m_run = s + BN + L;
+  float* l_run = m_run + kFewRows;
+  int64_t nvis[kFewRows];
+
+  for (int r = 0; r < rows; ++r) {
+    nvis[r] = w.visible(r);
+    m_run[r] = -INFINITY;
+    l_run[r] = 0.f;
+    const T* q = static_cast<const T*>(w.q_row(r));
+    for (int d = 0; d < D; ++d) qf[r * dp + d] = static_cast<float>(q[d]);
+    std::fill(qf + r * dp + D, qf + (r + 1) * dp, 0.f);
+    std::fill(acc + r * dp, acc + (r + 1) * dp, 0.f);
+  }
+
+  const int64_t keys = *std::max_element(nvis, nvis + rows);
+  const int64_t ldk = w.k.tok, ldv = w.v.tok;
+  // Keys per block: the block's keys and values (read once per row) fit in L1.
+  const int bn = static_cast<int>(std::clamp<int64_t>(
+      kFewBlockBytes / (2 * std::max(D, 1) * static_cast<int64_t>(sizeof(T))) / 8 * 8, 8, BN));
+  for (int64_t j0 = 0; j0 < keys; j0 += bn) {
+    const int nb = static_cast<int>(std::min<int64_t>(bn, keys - j0));
+    const T* k = static_cast<const T*>(w.k_row(j0));
+    const T* v = static_cast<const T*>(w.v_row(j0));
+    const int ahead = static_cast<int>(std::clamp<int64_t>(keys - j0 - nb, 0, bn));
+    prefetch_rows(k + nb * ldk, ldk, ahead, D * static_cast<int64_t>(sizeof(T)));
+    prefetch_rows(v + nb * ldv, ldv, ahead, D * static_cast<int64_t>(sizeof(T)));
+    for (int r = 0; r < rows; ++r) {
+      const int nbr = static_cast<int>(std::clamp<int64_t>(nvis[r] - j0, 0, nb));
+      if (nbr == 0) continue;  // causal: this row sees none of the block
+      const float* q = qf + r * dp;
+      int j = 0;
+      for (; j + kFewKeys <= nbr; j += kFewKeys) few_dots<kFewKeys>(q, k + j * ldk, ldk, D, s + j, w.scale);
+      if (j + 4 <= nbr) {
+        few_dots<4>(q, k + j * ldk, ldk, D, s + j, w.scale);
+        j += 4;
+      }
+      if (j + 2 <= nbr) {
+        few_dots<2>(q, k + j * ldk, ldk, D, s + j, w.scale);
+        j += 2;
+      }
+      if (j < nbr) few_dots<1>(q, k + j * ldk, ldk, D, s + j, w.scale);
+      if (w.bias) {
+        const float* br = w.bias_row(r, j0);
+        for (int jj = 0; jj < nbr; ++jj) s[jj] += br[jj * w.b_k];
+      }
+      // Pad to whole registers with -inf: exp gives 0 there.
+      const int nbp = (nbr + L - 1) / L * L;
+      std::fill(s + nbr, s + nbp, -INFINITY);
+
+      // Online softmax, as in chunk_step (NaN scores do not raise the max; they reach the sum).
+      R mx = Isa::set1(m_run[r]);
+      for (int jj = 0; jj < nbp; jj += L) mx = vmax(Isa::load(s + jj), mx);
+      float mlanes[L];
+      Isa::store(mlanes, mx);
+      float m_new = mlanes[0];
+      for (int i = 1; i < L; ++i) m_new = mlanes[i] > m_new ? mlanes[i] : m_new;
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = std::exp(m_run[r] - m_use);
+      R sum = Isa::zero();
+      const R mu = Isa::set1(m_use);
+      for (int jj = 0; jj < nbp; jj += L) {
+        const R p = vexp(Isa::sub(Isa::load(s + jj), mu));
+        Isa::store(s + jj, p);
+        sum = Isa::add(sum, p);
+      }
+      l_run[r] = l_run[r] * alpha + Isa::hsum(sum);
+      m_run[r] = m_new;
+
+      float* a = acc + r * dp;
+      for (int d0 = 0; d0 < D; d0 += kFewChunk)
+        few_pv_chunk(v + d0, ldv, nbr, s, a + d0, std::min(kFewChunk, D - d0), alpha);
+    }
+  }
+
+  for (int r = 0; r < rows; ++r) {
+    T* o = static_cast<T*>(w.out_row(r));
+    float* lse = w.lse_at(r);
+    const float l = l_run[r];
+    if (l == 0.f) {  // no visible key (NaN l, from NaN scores, takes the other branch)
+      for (int d = 0; d < D; ++d) o[d] = static_cast<T>(0.f);
+      *lse = -INFINITY;
+    } else {
+      for (int d = 0; d < D; ++d) o[d] = static_cast<T>(acc[r * dp + d] / l);
+      *lse = m_run[r] + std::log(l);
+    }
+  }
+}
