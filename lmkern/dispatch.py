@@ -44,10 +44,10 @@ class BackendError(ValueError):
     """The requested backend cannot run these inputs; the message lists every backend's reason."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~1 µs more per call
 class InputSpec:
     """What backends need to know to accept or decline a call (no tensors, so `lmkern info` can
-    ask about devices this machine does not have)."""
+    ask about devices this machine does not have). Treat it as immutable."""
 
     device_type: str
     dtype: torch.dtype
@@ -63,6 +63,11 @@ class InputSpec:
 class _Impl:
     supports: Callable[[InputSpec], Optional[str]]
     run: Callable[..., Any]
+
+
+def device_type(t: torch.Tensor) -> str:
+    """``t.device.type``, without building a torch.device for the common devices (~0.5 µs)."""
+    return "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}

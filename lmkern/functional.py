@@ -463,7 +463,7 @@ def _check_scale(op: str, name: str, value, head_dim: int) -> float:
         if head_dim == 0:
             raise ValueError(f"lmkern.{op}: the head dimension is 0; pass an explicit {name}")
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(value, Tensor) or not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if type(value) is not float and (isinstance(value, (Tensor, bool)) or not isinstance(value, numbers.Real)):
         raise TypeError(f"lmkern.{op}: {name} must be a float or None, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
@@ -475,6 +475,14 @@ def _check_qkv(op: str, tensors: dict, ranks: Union[int, tuple[int, ...]], layou
     """Type, dtype, device and rank of q/k/v-like tensors; the first one is the reference.
     ``ranks``: the allowed numbers of dims, or an int: at least that many."""
     first_name, first = next(iter(tensors.items()))
+    if isinstance(first, Tensor):  # fast accept; the loops below name what is wrong
+        dt, dev = first.dtype, first.device
+        if dt.is_floating_point and all(
+            isinstance(t, Tensor) and t.dtype == dt and t.device == dev
+            and (t.dim() >= ranks if isinstance(ranks, int) else t.dim() in ranks)
+            for t in tensors.values()
+        ):
+            return
     for name, t in tensors.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"lmkern.{op}: {name} must be a Tensor, got {type(t).__name__}")
@@ -568,7 +576,7 @@ def scaled_dot_product_attention(
             f"lmkern.{op}: key has {hkv} heads and query {hq}; pass enable_gqa=True for grouped-query attention"
         )
     _check_heads(op, hq, hkv, "key")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+    if type(dropout_p) is not float and (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real)):
         raise TypeError(f"lmkern.{op}: dropout_p must be a float, got {dropout_p!r}")
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"lmkern.{op}: dropout_p must be in [0, 1], got {dropout_p!r}")

@@ -35,6 +35,8 @@ def _needs_autograd(args: tuple) -> bool:
 def below_autograd(op: Callable[..., Any]) -> Callable[..., Any]:
     """``op`` (a torch.ops custom op), called straight below the Autograd dispatch key whenever no
     gradient can flow through the call; positional arguments only."""
+    # The op's single overload: calling the packet resolves the overload on every call (~1 µs).
+    op = getattr(op, "default", op)
 
     def call(*args):
         if torch.compiler.is_compiling() or _needs_autograd(args):  # compiling first: dynamo cannot trace the C check

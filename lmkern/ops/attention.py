@@ -472,7 +472,7 @@ def attention_spec(q: Tensor, k: Tensor, v: Tensor, **extra) -> dispatch.InputSp
     (gqa, mask dtype, mask_grad, dropout, varlen, causal)."""
     info = {"head_dim": q.shape[-1], "head_dim_v": v.shape[-1]}
     info.update(extra)
-    return dispatch.InputSpec(q.device.type, q.dtype, info)
+    return dispatch.InputSpec(dispatch.device_type(q), q.dtype, info)
 
 
 def _kernel_support(spec: dispatch.InputSpec) -> Optional[str]:

@@ -230,7 +230,7 @@ if _ext.HAS_TRITON:
 
 def norm_spec(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> dispatch.InputSpec:
     affine = tuple(t.dtype for t in (weight, bias) if t is not None)
-    return dispatch.InputSpec(x.device.type, x.dtype, {"affine_dtypes": affine})
+    return dispatch.InputSpec(dispatch.device_type(x), x.dtype, {"affine_dtypes": affine})
 
 
 def _kernel_support(spec: dispatch.InputSpec) -> Optional[str]:

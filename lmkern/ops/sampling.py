@@ -238,7 +238,7 @@ torch.library.register_autograd("lmkern::softmax_reference", _softmax_backward, 
 
 
 def sampling_spec(logits: Tensor) -> dispatch.InputSpec:
-    return dispatch.InputSpec(logits.device.type, logits.dtype)
+    return dispatch.InputSpec(dispatch.device_type(logits), logits.dtype)
 
 
 def _dtype_support(spec: dispatch.InputSpec) -> Optional[str]:
