@@ -75,7 +75,7 @@ def _prepare_norm(op, input, normalized_shape, residual, weight_offset):
             raise ValueError(f"lmkern.{op}: residual is on {residual.device} but input is on {input.device}")
         if residual.dtype != input.dtype:
             raise TypeError(f"lmkern.{op}: residual must have input's dtype {input.dtype}, got {residual.dtype}")
-    if not isinstance(weight_offset, numbers.Real):
+    if type(weight_offset) is not float and not isinstance(weight_offset, numbers.Real):  # ABC check: ~0.5 µs
         raise TypeError(f"lmkern.{op}: weight_offset must be a float, got {type(weight_offset).__name__}")
     rows_already = input.dim() == 2 and len(shape) == 1  # (rows, N) is the kernels' layout: no reshape
     x2d = input if rows_already else input.reshape(m, n)
