@@ -172,6 +172,22 @@ LMKERN_INLINE void chunk_step(const AttnItemView& w, int nb, bool masked, const 
   if (d < D) pv_tail<NV>(D - d, vf + d, ldv, nb, st, ot + d * ld, ld, alpha);
 }
 
+// Writes row r's output, acc[d * stride] / l for d < D, and its lse; zeros and -inf when the row
+// saw no key (a NaN l, from NaN scores, takes the other branch).
+template <class T>
+LMKERN_INLINE void store_row(const AttnItemView& w, int r, const float* acc, int64_t stride,
+                             float m, float l) {
+  T* o = static_cast<T*>(w.out_row(r));
+  float* lse = w.lse_at(r);
+  if (l == 0.f) {
+    for (int d = 0; d < w.D; ++d) o[d] = static_cast<T>(0.f);
+    *lse = -INFINITY;
+  } else {
+    for (int d = 0; d < w.D; ++d) o[d] = static_cast<T>(acc[d * stride] / l);
+    *lse = m + std::log(l);
+  }
+}
+
 // Runs one work item; scratch holds scratch_floats(...) floats (attention_cpu.cpp).
 template <class T>
 void run_item(const AttnItemView& w, float* scratch) {
@@ -234,18 +250,7 @@ void run_item(const AttnItemView& w, float* scratch) {
     }
   }
 
-  for (int r = 0; r < R_; ++r) {
-    T* o = static_cast<T*>(w.out_row(r));
-    float* lse = w.lse_at(r);
-    const float l = l_run[r];
-    if (l == 0.f) {  // no visible key (NaN l, from NaN scores, takes the other branch)
-      for (int d = 0; d < D; ++d) o[d] = static_cast<T>(0.f);
-      *lse = -INFINITY;
-    } else {
-      for (int d = 0; d < D; ++d) o[d] = static_cast<T>(ot[d * ld + r] / l);
-      *lse = m_run[r] + std::log(l);
-    }
-  }
+  for (int r = 0; r < R_; ++r) store_row<T>(w, r, ot + r, ld, m_run[r], l_run[r]);
 }
 
 // ----------------------------------------------------------------------------- few-row items
@@ -415,16 +420,5 @@ void run_item_few(const AttnItemView& w, float* scratch) {
     }
   }
 
-  for (int r = 0; r < rows; ++r) {
-    T* o = static_cast<T*>(w.out_row(r));
-    float* lse = w.lse_at(r);
-    const float l = l_run[r];
-    if (l == 0.f) {  // no visible key (NaN l, from NaN scores, takes the other branch)
-      for (int d = 0; d < D; ++d) o[d] = static_cast<T>(0.f);
-      *lse = -INFINITY;
-    } else {
-      for (int d = 0; d < D; ++d) o[d] = static_cast<T>(acc[r * dp + d] / l);
-      *lse = m_run[r] + std::log(l);
-    }
-  }
+  for (int r = 0; r < rows; ++r) store_row<T>(w, r, acc + r * dp, 1, m_run[r], l_run[r]);
 }
