@@ -196,6 +196,27 @@ def test_few_row_items(dtype, Sq, G, D):
     assert (out[1, 0, 0] == 0).all() and torch.isneginf(lse[1, 0, 0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Sq,G", [(1, 1), (1, 4), (2, 2)])
+@pytest.mark.parametrize("D", [20, 64, 256])
+@pytest.mark.parametrize("B,Hkv", [(1, 12), (2, 5)])
+def test_few_row_items_of_several_heads(dtype, Sq, G, D, B, Hkv):
+    """Contiguous (B, S, H, D) caches: a head's keys lie H * D apart, so a few-row item takes
+    several kv heads (12 heads in one sequence: items of 3 with two threads; 5 heads in two: 2, 2
+    and 1), walked block by block."""
+    Smax = 150
+    q = torch.randn(B, Sq, Hkv * G, D, dtype=dtype)
+    k, v = torch.randn(B, Smax, Hkv, D, dtype=dtype), torch.randn(B, Smax, Hkv, D, dtype=dtype)
+    used = torch.tensor([150, 37][:B], dtype=torch.int32)
+    run_dense(q, k, v, "heads side by side", used=used, causal=True)
+    bias = torch.randn(B, Hkv * G, Sq, Smax).masked_fill(torch.rand(B, Hkv * G, Sq, Smax) < 0.2, -INF)
+    bias[0, -1] = -INF  # the last head's rows fully masked
+    out, lse = run_dense(q, k, v, "heads side by side, bias", bias=bias)
+    assert (out[0, :, -1] == 0).all() and torch.isneginf(lse[0, -1]).all()
+    # keys side by side, values not (one head per item again)
+    run_dense(q, k, v.transpose(1, 2).contiguous().transpose(1, 2), "values head-major")
+
+
 def test_few_row_items_nan():
     """A NaN query poisons its own row only; a NaN value element only its own output dim."""
     q, k, v = torch.randn(1, 1, 4, 40), torch.randn(1, 90, 2, 40), torch.randn(1, 90, 2, 40)

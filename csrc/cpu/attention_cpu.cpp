@@ -59,6 +59,7 @@ struct AttnItemView {
   Seq s;
   int64_t hkv, row0;
   int rows;
+  int nh = 1;  // kv heads hkv, hkv + 1, ... (few-row items only; every other item has one)
 
   int64_t query(int64_t r) const { return (row0 + r) / G; }
   int64_t head(int64_t r) const { return hkv * G + (row0 + r) % G; }
@@ -124,7 +125,8 @@ int64_t scratch_floats(int D, int64_t ld, int bn, int cw) {
 struct Kernel {
   int bn, cw;                                   // forward: keys per block, rows per chunk
   bool (*few_rows_item)(int rows, int64_t D);   // forward: whether an item runs run_few,
-  int64_t (*few_scratch)(int64_t D);            //   with this much scratch
+  int64_t (*few_scratch)(int64_t D);            //   with this much scratch,
+  int64_t (*few_max_slots)(int64_t D);          //   rows x heads at most
   int bwd_bn;                                   // backward: keys per block
   int64_t (*bwd_scratch)(int64_t dp);           // backward: per-thread scratch floats
   void (*run[3])(const AttnItemView&, float*);  // forward item
@@ -137,7 +139,8 @@ struct Kernel {
 
 #define LMKERN_PER_DTYPE(f) {&f<float>, &f<Half>, &f<BFloat16>}
 #define LMKERN_ATTN_KERNEL(ns)                                                          \
-  Kernel{ns::BN, ns::CW, &ns::few_rows_item, &ns::few_scratch_floats, ns::kBwdBN,       \
+  Kernel{ns::BN, ns::CW, &ns::few_rows_item, &ns::few_scratch_floats,                  \
+         &ns::few_max_slots, ns::kBwdBN,                                                \
          &ns::bwd_scratch_floats, LMKERN_PER_DTYPE(ns::run_item),                       \
          LMKERN_PER_DTYPE(ns::run_item_few), LMKERN_PER_DTYPE(ns::bwd_pack),            \
          LMKERN_PER_DTYPE(ns::bwd_key_blocks), LMKERN_PER_DTYPE(ns::bwd_store_dq)}
@@ -341,20 +344,33 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   struct Item {
     int32_t seq, hkv;
     int64_t row0, cost;
-    int rows;
+    int rows, nh;
   };
+  // A sequence of few rows per kv head (decode) whose heads lie side by side within a token
+  // ((B, S, H, D) K and V) gets items of several heads (run_item_few): a head's own rows lie H * D
+  // apart, and one head per item would read one row per page. Enough items stay for the threads.
+  const auto interleaved = [](const Operand& t) { return std::abs(t.head) < std::abs(t.tok); };
+  const bool heads_side_by_side = p.Hkv > 1 && interleaved(base.k) && interleaved(base.v);
+  const int64_t seqs = static_cast<int64_t>(p.seqs.size());
+  const int64_t heads_per_item =
+      std::max<int64_t>(1, p.Hkv / std::max<int64_t>(1, (2 * threads + seqs - 1) / std::max<int64_t>(seqs, 1)));
   std::vector<Item> items;
   for (size_t b = 0; b < p.seqs.size(); ++b) {
     const Seq& s = p.seqs[b];
     const int64_t shift = causal_shift(s, causal_top_left);
     const int64_t nrows = s.Sq * base.G;
-    for (int64_t h = 0; h < p.Hkv; ++h)
+    const bool few = nrows > 0 && nrows <= bm && kern.few_rows_item(static_cast<int>(nrows), D);
+    const int64_t nh = few && heads_side_by_side
+                           ? std::max<int64_t>(1, std::min(heads_per_item, kern.few_max_slots(D) / nrows))
+                           : 1;
+    for (int64_t h = 0; h < p.Hkv; h += nh)
       for (int64_t r0 = 0; r0 < nrows; r0 += bm) {
         const int rows = static_cast<int>(std::min(bm, nrows - r0));
+        const int heads = static_cast<int>(std::min(nh, p.Hkv - h));
         const int64_t last_q = (r0 + rows - 1) / base.G;
         const int64_t keys = causal ? std::clamp<int64_t>(last_q + shift, 0, s.Sk) : s.Sk;
         items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), r0,
-                         rows * (keys + D), rows});
+                         heads * rows * (keys + D), rows, heads});
       }
   }
   std::stable_sort(items.begin(), items.end(),
@@ -370,8 +386,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     w.hkv = it.hkv;
     w.row0 = it.row0;
     w.rows = it.rows;
+    w.nh = it.nh;
     w.causal_shift = causal_shift(w.s, causal_top_left);
-    (kern.few_rows_item(it.rows, D) ? kern.run_few[dt] : kern.run[dt])(w, thread_scratch(nscratch));
+    (it.nh > 1 || kern.few_rows_item(it.rows, D) ? kern.run_few[dt] : kern.run[dt])(
+        w, thread_scratch(nscratch));
   });
   return {out, lse};
 }

@@ -261,7 +261,9 @@ void run_item(const AttnItemView& w, float* scratch) {
 // a time, then one horizontal sum each), the online softmax runs down the block's keys, and the
 // output accumulator (one fp32 row of D) takes p_j * v_j key by key. Keys and values are read
 // straight from their tensors (no conversion buffer); the rows of a group share each block
-// while it is in cache.
+// while it is in cache. An item may cover several kv heads (w.nh): where the heads of a token
+// lie side by side ((B, S, H, D) caches), a block of keys is then one stretch of memory read in
+// order, instead of one head's rows, each on its own page.
 
 constexpr int kFewRows = L;              // the most rows an item of run_item_few may have
 constexpr int kFewKeys = 8;              // keys per dot-product step: independent FMA chains
@@ -277,10 +279,17 @@ constexpr bool few_rows_item(int rows, int64_t D) {
   return rows <= (D <= 64 ? kFewRows : kFewRows / 2);
 }
 
+// The most (head, row) pairs an item of run_item_few may hold on head dim D: their fp32 query and
+// accumulator rows stay within 128 KiB (at least kFewRows of them).
+constexpr int64_t few_max_slots(int64_t D) {
+  const int64_t dp = (D + L - 1) / L * L;
+  return std::max<int64_t>(kFewRows, std::min<int64_t>(64, 16384 / std::max<int64_t>(dp, 1)));
+}
+
 // Floats of per-thread scratch for run_item_few on head dim D.
 constexpr int64_t few_scratch_floats(int64_t D) {
-  const int64_t dp = (D + L - 1) / L * L;
-  return 2 * kFewRows * dp + (BN + L) + 2 * kFewRows;
+  const int64_t dp = (D + L - 1) / L * L, slots = few_max_slots(D);
+  return 2 * slots * dp + (BN + L) + 2 * slots;
 }
 
 // s[i] = scale * dot(q, key i) for NK keys (row stride ldk), D terms; q holds D floats padded
@@ -338,87 +347,110 @@ LMKERN_INLINE void few_pv_chunk(const T* v, int64_t ldv, int nb, const float* p,
   static_assert(kFewRegs == 4, "few_pv_chunk covers 1 to 4 registers");
 }
 
-// Runs one item of at most kFewRows rows; scratch holds few_scratch_floats(D) floats.
+// Runs one item of at most kFewRows rows in each of its w.nh kv heads (rows x nh <=
+// few_max_slots(D)); scratch holds few_scratch_floats(D) floats.
 template <class T>
 void run_item_few(const AttnItemView& w, float* scratch) {
-  const int D = w.D, rows = w.rows;
+  const int D = w.D, rows = w.rows, nh = w.nh, slots = rows * nh;
   const int64_t dp = (D + L - 1) / L * L;
-  float* qf = scratch;                   // rows x dp: the queries in fp32, zero padded
-  float* acc = qf + kFewRows * dp;       // rows x dp: the output accumulators
-  float* s = acc + kFewRows * dp;        // BN + L: one row's scores (then p) for a block
-  float* m_run = s + BN + L;
-  float* l_run = m_run + kFewRows;
-  int64_t nvis[kFewRows];
+  float* qf = scratch;               // slots x dp: the queries in fp32, zero padded
+  float* acc = qf + slots * dp;      // slots x dp: the output accumulators
+  float* s = acc + slots * dp;       // BN + L: one row's scores (then p) for a block
+  float* m_run = s + BN + L;         // slots
+  float* l_run = m_run + slots;      // slots
+  int64_t nvis[kFewRows];            // keys visible to each row: the same in every head
+  AttnItemView wh = w;               // w, at head w.hkv + h (slot h * rows + r)
 
-  for (int r = 0; r < rows; ++r) {
-    nvis[r] = w.visible(r);
-    m_run[r] = -INFINITY;
-    l_run[r] = 0.f;
-    const T* q = static_cast<const T*>(w.q_row(r));
-    for (int d = 0; d < D; ++d) qf[r * dp + d] = static_cast<float>(q[d]);
-    std::fill(qf + r * dp + D, qf + (r + 1) * dp, 0.f);
-    std::fill(acc + r * dp, acc + (r + 1) * dp, 0.f);
+  for (int r = 0; r < rows; ++r) nvis[r] = w.visible(r);
+  for (int h = 0; h < nh; ++h) {
+    wh.hkv = w.hkv + h;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = h * rows + r;
+      m_run[i] = -INFINITY;
+      l_run[i] = 0.f;
+      const T* q = static_cast<const T*>(wh.q_row(r));
+      for (int d = 0; d < D; ++d) qf[i * dp + d] = static_cast<float>(q[d]);
+      std::fill(qf + i * dp + D, qf + (i + 1) * dp, 0.f);
+      std::fill(acc + i * dp, acc + (i + 1) * dp, 0.f);
+    }
   }
 
   const int64_t keys = *std::max_element(nvis, nvis + rows);
   const int64_t ldk = w.k.tok, ldv = w.v.tok;
   // Keys per block: the block's keys and values (read once per row) fit in L1.
-  const int bn = static_cast<int>(std::clamp<int64_t>(
-      kFewBlockBytes / (2 * std::max(D, 1) * static_cast<int64_t>(sizeof(T))) / 8 * 8, 8, BN));
+  const int64_t key_bytes = 2 * nh * std::max(D, 1) * static_cast<int64_t>(sizeof(T));
+  const int bn = static_cast<int>(std::clamp<int64_t>(kFewBlockBytes / key_bytes / 8 * 8, 8, BN));
+  // The next block is fetched while this one is computed: per key, the item's heads (the span
+  // from its first head's row to its last's; a prefetch never faults).
+  const int64_t span_k = ((nh - 1) * std::abs(w.k.head) + D) * static_cast<int64_t>(sizeof(T));
+  const int64_t span_v = ((nh - 1) * std::abs(w.v.head) + D) * static_cast<int64_t>(sizeof(T));
   for (int64_t j0 = 0; j0 < keys; j0 += bn) {
     const int nb = static_cast<int>(std::min<int64_t>(bn, keys - j0));
-    const T* k = static_cast<const T*>(w.k_row(j0));
-    const T* v = static_cast<const T*>(w.v_row(j0));
     const int ahead = static_cast<int>(std::clamp<int64_t>(keys - j0 - nb, 0, bn));
-    prefetch_rows(k + nb * ldk, ldk, ahead, D * static_cast<int64_t>(sizeof(T)));
-    prefetch_rows(v + nb * ldv, ldv, ahead, D * static_cast<int64_t>(sizeof(T)));
-    for (int r = 0; r < rows; ++r) {
-      const int nbr = static_cast<int>(std::clamp<int64_t>(nvis[r] - j0, 0, nb));
-      if (nbr == 0) continue;  // causal: this row sees none of the block
-      const float* q = qf + r * dp;
-      int j = 0;
-      for (; j + kFewKeys <= nbr; j += kFewKeys) few_dots<kFewKeys>(q, k + j * ldk, ldk, D, s + j, w.scale);
-      if (j + 4 <= nbr) {
-        few_dots<4>(q, k + j * ldk, ldk, D, s + j, w.scale);
-        j += 4;
-      }
-      if (j + 2 <= nbr) {
-        few_dots<2>(q, k + j * ldk, ldk, D, s + j, w.scale);
-        j += 2;
-      }
-      if (j < nbr) few_dots<1>(q, k + j * ldk, ldk, D, s + j, w.scale);
-      if (w.bias) {
-        const float* br = w.bias_row(r, j0);
-        for (int jj = 0; jj < nbr; ++jj) s[jj] += br[jj * w.b_k];
-      }
-      // Pad to whole registers with -inf: exp gives 0 there.
-      const int nbp = (nbr + L - 1) / L * L;
-      std::fill(s + nbr, s + nbp, -INFINITY);
+    wh.hkv = w.hkv + (w.k.head >= 0 ? 0 : nh - 1);  // the head whose row starts the span
+    prefetch_rows(static_cast<const T*>(wh.k_row(j0 + nb)), ldk, ahead, span_k);
+    wh.hkv = w.hkv + (w.v.head >= 0 ? 0 : nh - 1);
+    prefetch_rows(static_cast<const T*>(wh.v_row(j0 + nb)), ldv, ahead, span_v);
+    for (int h = 0; h < nh; ++h) {
+      wh.hkv = w.hkv + h;
+      const T* k = static_cast<const T*>(wh.k_row(j0));
+      const T* v = static_cast<const T*>(wh.v_row(j0));
+      for (int r = 0; r < rows; ++r) {
+        const int64_t i = h * rows + r;
+        const int nbr = static_cast<int>(std::clamp<int64_t>(nvis[r] - j0, 0, nb));
+        if (nbr == 0) continue;  // causal: this row sees none of the block
+        const float* q = qf + i * dp;
+        int j = 0;
+        for (; j + kFewKeys <= nbr; j += kFewKeys)
+          few_dots<kFewKeys>(q, k + j * ldk, ldk, D, s + j, w.scale);
+        if (j + 4 <= nbr) {
+          few_dots<4>(q, k + j * ldk, ldk, D, s + j, w.scale);
+          j += 4;
+        }
+        if (j + 2 <= nbr) {
+          few_dots<2>(q, k + j * ldk, ldk, D, s + j, w.scale);
+          j += 2;
+        }
+        if (j < nbr) few_dots<1>(q, k + j * ldk, ldk, D, s + j, w.scale);
+        if (w.bias) {
+          const float* br = wh.bias_row(r, j0);
+          for (int jj = 0; jj < nbr; ++jj) s[jj] += br[jj * w.b_k];
+        }
+        // Pad to whole registers with -inf: exp gives 0 there.
+        const int nbp = (nbr + L - 1) / L * L;
+        std::fill(s + nbr, s + nbp, -INFINITY);
 
-      // Online softmax, as in chunk_step (NaN scores do not raise the max; they reach the sum).
-      R mx = Isa::set1(m_run[r]);
-      for (int jj = 0; jj < nbp; jj += L) mx = vmax(Isa::load(s + jj), mx);
-      float mlanes[L];
-      Isa::store(mlanes, mx);
-      float m_new = mlanes[0];
-      for (int i = 1; i < L; ++i) m_new = mlanes[i] > m_new ? mlanes[i] : m_new;
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = std::exp(m_run[r] - m_use);
-      R sum = Isa::zero();
-      const R mu = Isa::set1(m_use);
-      for (int jj = 0; jj < nbp; jj += L) {
-        const R p = vexp(Isa::sub(Isa::load(s + jj), mu));
-        Isa::store(s + jj, p);
-        sum = Isa::add(sum, p);
-      }
-      l_run[r] = l_run[r] * alpha + Isa::hsum(sum);
-      m_run[r] = m_new;
+        // Online softmax, as in chunk_step (NaN scores do not raise the max; they reach the sum).
+        R mx = Isa::set1(m_run[i]);
+        for (int jj = 0; jj < nbp; jj += L) mx = vmax(Isa::load(s + jj), mx);
+        float mlanes[L];
+        Isa::store(mlanes, mx);
+        float m_new = mlanes[0];
+        for (int t = 1; t < L; ++t) m_new = mlanes[t] > m_new ? mlanes[t] : m_new;
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = std::exp(m_run[i] - m_use);
+        R sum = Isa::zero();
+        const R mu = Isa::set1(m_use);
+        for (int jj = 0; jj < nbp; jj += L) {
+          const R p = vexp(Isa::sub(Isa::load(s + jj), mu));
+          Isa::store(s + jj, p);
+          sum = Isa::add(sum, p);
+        }
+        l_run[i] = l_run[i] * alpha + Isa::hsum(sum);
+        m_run[i] = m_new;
 
-      float* a = acc + r * dp;
-      for (int d0 = 0; d0 < D; d0 += kFewChunk)
-        few_pv_chunk(v + d0, ldv, nbr, s, a + d0, std::min(kFewChunk, D - d0), alpha);
+        float* a = acc + i * dp;
+        for (int d0 = 0; d0 < D; d0 += kFewChunk)
+          few_pv_chunk(v + d0, ldv, nbr, s, a + d0, std::min(kFewChunk, D - d0), alpha);
+      }
     }
   }
 
-  for (int r = 0; r < rows; ++r) store_row<T>(w, r, acc + r * dp, 1, m_run[r], l_run[r]);
+  for (int h = 0; h < nh; ++h) {
+    wh.hkv = w.hkv + h;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = h * rows + r;
+      store_row<T>(wh, r, acc + i * dp, 1, m_run[i], l_run[i]);
+    }
+  }
 }
