@@ -352,8 +352,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   const auto interleaved = [](const Operand& t) { return std::abs(t.head) < std::abs(t.tok); };
   const bool heads_side_by_side = p.Hkv > 1 && interleaved(base.k) && interleaved(base.v);
   const int64_t seqs = static_cast<int64_t>(p.seqs.size());
-  const int64_t heads_per_item =
-      std::max<int64_t>(1, p.Hkv / std::max<int64_t>(1, (2 * threads + seqs - 1) / std::max<int64_t>(seqs, 1)));
+  const int64_t items_per_seq = seqs > 0 ? (2 * threads + seqs - 1) / seqs : 1;  // >= 1
+  const int64_t heads_per_item = std::max<int64_t>(1, p.Hkv / items_per_seq);
   std::vector<Item> items;
   for (size_t b = 0; b < p.seqs.size(); ++b) {
     const Seq& s = p.seqs[b];
@@ -388,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     w.rows = it.rows;
     w.nh = it.nh;
     w.causal_shift = causal_shift(w.s, causal_top_left);
-    (it.nh > 1 || kern.few_rows_item(it.rows, D) ? kern.run_few[dt] : kern.run[dt])(
+    (kern.few_rows_item(it.rows, D) ? kern.run_few[dt] : kern.run[dt])(  // true when it.nh > 1
         w, thread_scratch(nscratch));
   });
   return {out, lse};

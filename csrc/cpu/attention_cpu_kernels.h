@@ -279,16 +279,19 @@ constexpr bool few_rows_item(int rows, int64_t D) {
   return rows <= (D <= 64 ? kFewRows : kFewRows / 2);
 }
 
+// Floats of one fp32 query or accumulator row of run_item_few: D rounded up to whole registers.
+constexpr int64_t few_row_floats(int64_t D) { return (D + L - 1) / L * L; }
+
 // The most (head, row) pairs an item of run_item_few may hold on head dim D: their fp32 query and
 // accumulator rows stay within 128 KiB (at least kFewRows of them).
 constexpr int64_t few_max_slots(int64_t D) {
-  const int64_t dp = (D + L - 1) / L * L;
+  const int64_t dp = few_row_floats(D);
   return std::max<int64_t>(kFewRows, std::min<int64_t>(64, 16384 / std::max<int64_t>(dp, 1)));
 }
 
 // Floats of per-thread scratch for run_item_few on head dim D.
 constexpr int64_t few_scratch_floats(int64_t D) {
-  const int64_t dp = (D + L - 1) / L * L, slots = few_max_slots(D);
+  const int64_t dp = few_row_floats(D), slots = few_max_slots(D);
   return 2 * slots * dp + (BN + L) + 2 * slots;
 }
 
@@ -352,7 +355,7 @@ LMKERN_INLINE void few_pv_chunk(const T* v, int64_t ldv, int nb, const float* p,
 template <class T>
 void run_item_few(const AttnItemView& w, float* scratch) {
   const int D = w.D, rows = w.rows, nh = w.nh, slots = rows * nh;
-  const int64_t dp = (D + L - 1) / L * L;
+  const int64_t dp = few_row_floats(D);
   float* qf = scratch;               // slots x dp: the queries in fp32, zero padded
   float* acc = qf + slots * dp;      // slots x dp: the output accumulators
   float* s = acc + slots * dp;       // BN + L: one row's scores (then p) for a block
