@@ -17,7 +17,9 @@ endif
 TORCH_PIN ?= torch==2.13.0
 DEPS := "triton==3.6.0" "numpy<2.4" ninja pybind11 pytest "pytest-xdist==3.8.0" expecttest matplotlib setuptools wheel "transformers==5.24.0"
 NVCC ?= nvcc
-NVCC_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
+NVCC_ARCHS := 80 90a
+# Parallel compiles in nvcc-check and glue-check (default: every core).
+CHECK_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 # Backends the test run must have; missing ones fail tests/test_environment.py instead of shrinking the suite.
 REQUIRE_BACKENDS ?= cpu,triton,reference
@@ -42,14 +44,14 @@ $(VENV)/.installed:
 build: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
-# Compile every framework-free CUDA source for sm_80 and sm_90a (no GPU needed).
+# Compile every framework-free CUDA source for sm_80 and sm_90a (no GPU needed), one nvcc per
+# source and architecture, CHECK_JOBS at a time: one after another they took four minutes of CI.
 nvcc-check:
 	@mkdir -p build/nvcc-check
-	@for f in $(CUDA_SOURCES); do \
-		echo "nvcc $$f"; \
-		$(NVCC) -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc/include $(NVCC_ARCHS) -Werror all-warnings \
-			-c $$f -o build/nvcc-check/$$(basename $$f .cu).o || exit 1; \
-	done
+	@for f in $(CUDA_SOURCES); do for a in $(NVCC_ARCHS); do echo $$f $$a; done; done | \
+	xargs -P $(CHECK_JOBS) -L 1 sh -c 'echo "nvcc $$0 sm_$$1" && \
+		$(NVCC) -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc/include -gencode arch=compute_$$1,code=sm_$$1 \
+			-Werror all-warnings -c $$0 -o build/nvcc-check/$$(basename $$0 .cu).sm_$$1.o'
 
 # Compile the torch glue of the CUDA backend (csrc/cuda/*.cpp, and module.cpp as a CUDA build sees
 # it) against the installed torch's headers and the CUDA toolkit's: the CPU wheel cannot link it, but a
@@ -57,16 +59,15 @@ nvcc-check:
 # generated c10/cuda/impl/cuda_cmake_macros.h (it only sets export macros), hence its opt-out define.
 GLUE_SOURCES := csrc/module.cpp $(wildcard csrc/cuda/*.cpp)
 glue-check: $(STAMP)
-	@set -e; mkdir -p build; \
-	inc="$$($(PY) -c "import sysconfig; from torch.utils.cpp_extension import include_paths; \
+	@set -e; mkdir -p build/glue-check; \
+	export GLUE_INCLUDES="$$($(PY) -c "import sysconfig; from torch.utils.cpp_extension import include_paths; \
 	print(' '.join('-isystem ' + p for p in include_paths() + [sysconfig.get_paths()['include']]))")"; \
-	for f in $(GLUE_SOURCES); do \
-		echo "glue $$f"; \
+	for f in $(GLUE_SOURCES); do echo $$f; done | \
+	xargs -P $(CHECK_JOBS) -L 1 sh -c 'echo "glue $$0" && \
 		$(NVCC) -std=c++17 -Xcompiler -fsyntax-only -Xcompiler -Wall -Xcompiler -Werror \
-			-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DLMKERN_WITH_CUDA=1 -DLMKERN_TORCH_VERSION='"check"' \
-			-DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H $$inc -Icsrc -Icsrc/include \
-			-c $$f -o build/glue-check.o; \
-	done
+			-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DLMKERN_WITH_CUDA=1 -DLMKERN_TORCH_VERSION="\"check\"" \
+			-DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H $$GLUE_INCLUDES -Icsrc -Icsrc/include \
+			-c $$0 -o build/glue-check/$$(basename $$0 .cpp).o'
 
 test: build nvcc-check glue-check
 	TRITON_INTERPRET=1 LMKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest tests -q -rs -n $(PYTEST_WORKERS)

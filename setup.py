@@ -7,6 +7,7 @@ What gets built is decided from the environment only: no GPU is queried and noth
   or when ``LMKERN_FORCE_CUDA=1``.  ``LMKERN_CUDA_ARCHS`` (e.g. ``"8.0;9.0a"``) picks the
   architectures; by default torch's own rule applies (``TORCH_CUDA_ARCH_LIST``, else the local GPU).
 * ``LMKERN_NO_EXT=1`` installs pure Python (Triton and reference backends only).
+* ``LMKERN_DEBUG_INFO=1`` keeps debug info in the C++ objects (built with ``-g0`` otherwise).
 """
 
 import glob
@@ -51,6 +52,10 @@ def _extensions():
     )
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    if not _flag("LMKERN_DEBUG_INFO"):
+        # Python's CFLAGS carry -g: debug info doubled the C++ compile time (CI builds from
+        # scratch) and made lmkern._C 30 MB. LMKERN_DEBUG_INFO=1 keeps it.
+        cxx_flags.append("-g0")
     # Recorded in lmkern._C so `lmkern info` can tell a build against another torch.
     define_macros = [("LMKERN_TORCH_VERSION", '"%s"' % torch.__version__.split("+")[0])]
 

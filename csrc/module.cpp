@@ -1,6 +1,7 @@
 // The Python module lmkern._C: loading it registers the ops (registration.cpp and the per-device
 // TORCH_LIBRARY_IMPL blocks). It also reports how it was built, for `lmkern info`.
-#include <torch/extension.h>
+// Only pybind11: nothing here touches a tensor, and <torch/extension.h> took a minute to compile.
+#include <pybind11/pybind11.h>
 
 namespace lmkern::cpu {
 const char* isa_name();  // norm_cpu.cpp
