@@ -76,8 +76,10 @@ bench: build
 	$(PY) benchmarks/run.py
 
 # The C++ CPU kernels under AddressSanitizer and UndefinedBehaviorSanitizer, float-to-int casts
-# included, any report fatal (not part of `make test`: about 17 minutes on 2 cores). A copy of the working tree (tracked and untracked, not ignored) is
-# built with the sanitizers in build/sanitize and the tests that run the cpu backend run against it.
+# included, any report fatal (not part of `make test`: about 17 minutes on 2 cores). A copy of
+# the working tree (tracked and untracked, not ignored; a tracked file deleted but not committed
+# is left out, with a warning from tar) is built with the sanitizers in build/sanitize, and the
+# tests that run the cpu backend run against it.
 # Python is not built with ASan, so the runtime is preloaded, with libstdc++ (or ASan cannot
 # intercept the C++ exceptions that carry the ops' argument errors).
 SANITIZE_TREE := build/sanitize
@@ -85,7 +87,8 @@ SANITIZE_FLAGS := -fsanitize=address,undefined,float-cast-overflow -fno-omit-fra
 PY_ABS := $(if $(filter system,$(VENV)),$(PY),$(abspath $(PY)))
 sanitize: $(STAMP)
 	rm -rf $(SANITIZE_TREE) && mkdir -p $(SANITIZE_TREE)
-	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(SANITIZE_TREE)
+	git ls-files -z --cached --others --exclude-standard | \
+		tar --null -T - --ignore-failed-read -cf - | tar -xf - -C $(SANITIZE_TREE)
 	cd $(SANITIZE_TREE) && CFLAGS="$(SANITIZE_FLAGS)" LDFLAGS="$(SANITIZE_FLAGS)" $(PY_ABS) setup.py -q build_ext --inplace
 	cd $(SANITIZE_TREE) && \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so.6)" \
