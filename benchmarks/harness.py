@@ -178,8 +178,21 @@ def run_suite(suite, device: str, quick: bool = False, log=print, deadline: floa
             log(f"time budget reached after {len(rows)} rows: the rest of this suite is not measured")
             payload = suite.summarize(device, rows, copy_gbps)
             payload["partial"] = f"stopped at the time budget after {len(rows)} rows"
-            return payload
-    return suite.summarize(device, rows, copy_gbps)
+            return _with_tuned_configs(payload)
+    return _with_tuned_configs(suite.summarize(device, rows, copy_gbps))
+
+
+def _with_tuned_configs(payload: dict) -> dict:
+    """Adds the launch configs the Triton autotuner measured and chose (GPU runs), so a result
+    says which tiles it was measured with."""
+    try:
+        from lmkern.kernels import autotune
+    except ImportError:  # no Triton
+        return payload
+    tuned = autotune.chosen()
+    if tuned:
+        payload["autotune"] = tuned
+    return payload
 
 
 def results_path(device: str) -> str:

@@ -29,13 +29,15 @@ in torch.library.triton_op (with autograd), hence every launch goes through wrap
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
+
+from . import autotune
 
 LOG2E = 1.4426950408889634
 
@@ -636,51 +638,91 @@ def _dot_prec(dtype: torch.dtype) -> Optional[str]:
     return "ieee" if dtype == torch.float32 else None
 
 
-def _fwd_config(D: int, dtype: torch.dtype, cpu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper (and Ampere) shapes per head dim: a
-    128-query tile amortizes K/V reads over more rows; 8 warps keep 16 rows per warp for the
-    m16 MMA; D = 256 halves the query tile (the fp32 acc and q grow with D). Chosen so that ptxas
-    reports no spills for sm_90 (python tests/triton_gpu_compile.py 90 --regs); the same shapes
-    spill up to ~150 bytes on sm_80 (kept: one config for both, no CUDA query)."""
-    if cpu:
-        return CPU_FWD_BLOCK[0], CPU_FWD_BLOCK[1], 4, 1
+class Tile(NamedTuple):
+    """One launch config of a forward or backward kernel."""
+
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+class DecodeTile(NamedTuple):
+    """One launch config of the split-KV decode kernel (its query side is the GQA group)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# GPU candidates per head-dim class (BLOCK_D <= 64, <= 128, 256), fp16/bf16; the first of each
+# list is the default, used without measuring (LMKERN_AUTOTUNE=0, torch.compile tracing, CUDA
+# graph capture). The defaults: a 128-query tile amortizes K/V reads over more rows, 8 warps keep
+# 16 rows per warp for the m16 MMA, D = 256 halves the query tile (the fp32 acc and q grow with
+# D); none spills on sm_90 (python tests/triton_gpu_compile.py 90 --regs; ~150 bytes on sm_80).
+# The other candidates are the shapes worth measuring against them on Hopper: the wider key tile
+# and deeper pipeline (more bytes in flight), the smaller query tile (more programs when
+# batch * heads is small). Each compiles for sm_80 and sm_90 (tests/triton_gpu_compile.py) and
+# runs correctly in the interpreter (tests/test_attention_triton.py).
+_FWD_TILES = {
+    64: (Tile(128, 64, 4, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 4), Tile(128, 64, 8, 4)),
+    128: (Tile(128, 64, 8, 3), Tile(128, 128, 8, 2), Tile(64, 64, 4, 3), Tile(128, 64, 8, 4)),
+    256: (Tile(64, 64, 8, 2), Tile(64, 64, 8, 3)),
+}
+# fp32 runs its ieee dots on FMA units, where larger tiles spill (ptxas, sm_90): one config.
+_FWD_TILES_FP32 = (Tile(16, 16, 4, 1),)
+# The dK/dV program keeps k, v, dk, dv of a key block resident (a wide BLOCK_N) and streams
+# narrow query blocks; the dQ program the reverse.
+_DKDV_TILES = {
+    64: (Tile(32, 64, 4, 2), Tile(64, 64, 4, 2), Tile(32, 128, 8, 2)),
+    128: (Tile(32, 64, 8, 2), Tile(16, 64, 4, 2), Tile(32, 64, 8, 3)),
+    256: (Tile(16, 32, 8, 1), Tile(32, 32, 8, 1)),
+}
+_DQ_TILES = {
+    64: (Tile(64, 32, 4, 2), Tile(64, 64, 4, 2), Tile(128, 32, 8, 2), Tile(128, 64, 8, 2)),
+    128: (Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 16, 4, 2)),
+    256: (Tile(32, 16, 8, 1), Tile(32, 32, 8, 1)),
+}
+_DKDV_TILES_FP32 = {128: (Tile(16, 32, 4, 1),), 256: (Tile(16, 16, 4, 1),)}
+_DQ_TILES_FP32 = {128: (Tile(32, 16, 4, 1),), 256: (Tile(16, 16, 4, 1),)}
+# The decode split kernel is a K/V stream (its M side is small): deeper pipelining hides latency.
+_DECODE_TILES = {
+    64: (DecodeTile(64, 4, 3), DecodeTile(128, 4, 3), DecodeTile(32, 4, 4), DecodeTile(64, 8, 3)),
+    128: (DecodeTile(64, 4, 2), DecodeTile(64, 4, 3), DecodeTile(32, 4, 3), DecodeTile(128, 8, 2)),
+    256: (DecodeTile(32, 8, 2), DecodeTile(16, 4, 3), DecodeTile(32, 8, 3)),
+}
+_DECODE_TILES_FP32 = {64: (DecodeTile(64, 4, 3), DecodeTile(64, 8, 3)), 128: (DecodeTile(64, 4, 2),),
+                      256: (DecodeTile(32, 8, 2),)}
+
+
+def _d_class(D: int) -> int:
     bd = _block_d(D)
-    if dtype == torch.float32:
-        return 16, 16, 4, 1  # ieee dots run on FMA units: larger tiles spill (ptxas, sm_90)
-    if bd <= 64:
-        return 128, 64, 4, 3
-    if bd <= 128:
-        return 128, 64, 8, 3
-    return 64, 64, 8, 2  # sm_90: 229 registers, no spills (64 x 32 with 4 or 8 warps spilled)
+    return 64 if bd <= 64 else 128 if bd <= 128 else 256
 
 
-def _bwd_config(D: int, dtype: torch.dtype, cpu: bool) -> tuple[int, int, int, int, int, int]:
-    """(dK/dV: BLOCK_M, BLOCK_N; dQ: BLOCK_M, BLOCK_N; num_warps, num_stages). The dK/dV program
-    keeps k, v, dk, dv of a key block resident (wide BLOCK_N) and streams narrow query blocks; the
-    dQ program the reverse."""
+def fwd_tiles(D: int, dtype: torch.dtype, cpu: bool) -> tuple[Tile, ...]:
+    """The forward's candidate configs, default first (CPU: the interpreter's one tile)."""
     if cpu:
-        bm, bn = CPU_BWD_BLOCK
-        return bm, bn, bm, bn, 4, 1
-    bd = _block_d(D)
-    if dtype == torch.float32:
-        return (16, 32, 32, 16, 4, 1) if bd <= 128 else (16, 16, 16, 16, 4, 1)
-    if bd <= 64:
-        return 32, 64, 64, 32, 4, 2
-    if bd <= 128:
-        return 32, 64, 64, 32, 8, 2
-    return 16, 32, 32, 16, 8, 1
+        return (Tile(CPU_FWD_BLOCK[0], CPU_FWD_BLOCK[1], 4, 1),)
+    return _FWD_TILES_FP32 if dtype == torch.float32 else _FWD_TILES[_d_class(D)]
 
 
-def _decode_config(D: int, cpu: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the split kernel: the M side is small, so the program
-    is a K/V stream; deeper pipelining hides its latency."""
+def bwd_tiles(D: int, dtype: torch.dtype, cpu: bool) -> tuple[tuple[Tile, ...], tuple[Tile, ...]]:
+    """(dK/dV candidates, dQ candidates), defaults first."""
     if cpu:
-        return CPU_DECODE_BLOCK_N, 4, 1
-    if _block_d(D) <= 64:
-        return 64, 4, 3
-    if _block_d(D) <= 128:
-        return 64, 4, 2
-    return 32, 8, 2
+        tile = Tile(CPU_BWD_BLOCK[0], CPU_BWD_BLOCK[1], 4, 1)
+        return (tile,), (tile,)
+    if dtype == torch.float32:
+        wide = 128 if _d_class(D) <= 128 else 256
+        return _DKDV_TILES_FP32[wide], _DQ_TILES_FP32[wide]
+    return _DKDV_TILES[_d_class(D)], _DQ_TILES[_d_class(D)]
+
+
+def decode_tiles(D: int, dtype: torch.dtype, cpu: bool) -> tuple[DecodeTile, ...]:
+    """The split kernel's candidate configs, default first."""
+    if cpu:
+        return (DecodeTile(CPU_DECODE_BLOCK_N, 4, 1),)
+    return (_DECODE_TILES_FP32 if dtype == torch.float32 else _DECODE_TILES)[_d_class(D)]
 
 
 def _heads(q: Tensor, k: Tensor) -> tuple[int, int, int]:
@@ -733,6 +775,13 @@ def _bias_strides(bias: Optional[Tensor]) -> tuple[int, int, int, int]:
     return tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)
 
 
+def _size_key(rows_q: int, rows_k: int, programs: int) -> tuple[int, int, int]:
+    """What a tile's speed depends on besides the kernel's features: the query and key lengths
+    and the batch * heads count, each bucketed to a power of two (a new length reuses its
+    bucket's measurement instead of measuring again)."""
+    return autotune.bucket(rows_q), autotune.bucket(rows_k), autotune.bucket(programs, 1 << 10)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -751,28 +800,37 @@ def attention_fwd(
     scale: float,
     out: Tensor,
     lse: Tensor,
+    tile: Optional[Tile] = None,
 ) -> None:
     """FlashAttention-2 forward into out (q's shape and dtype, contiguous) and lse (fp32; (B, Hq,
     Sq) dense, (Hq, total_q) packed). Layouts and conventions: the module docstring and
     csrc/registration.cpp. Packed rows outside every sequence (before cu_seqlens_q[0], from
-    cu_seqlens_q[-1] on) get out 0 and lse -inf, as in the reference."""
+    cu_seqlens_q[-1] on) get out 0 and lse -inf, as in the reference. ``tile``: a config to
+    launch with (tests); by default the measured best of fwd_tiles (kernels/autotune.py)."""
     _check_last_stride(q, k, v)
     Hq, Hkv, group = _heads(q, k)
     D = q.shape[-1]
-    varlen, B, Sq, Sk, grid_q, _, (slb, slh) = _layout(
+    varlen, B, Sq, Sk, grid_q, grid_k, (slb, slh) = _layout(
         q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias)
     if q.numel() == 0:
         return
-    block_m, block_n, num_warps, num_stages = _fwd_config(D, q.dtype, _on_cpu(q))
-    wrap_triton(_attn_fwd_kernel)[_grid(grid_q, block_m, B, Hq, varlen)](
-        q, k, v, bias, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_bias_strides(bias),
-        *_strides3(out, varlen), slb, slh,
-        Sq, Sk, B, q.shape[0], Hq, group, float(scale) * LOG2E,
-        VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
-        TOP_LEFT=bool(causal_top_left), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
-        DOT_PREC=_dot_prec(q.dtype), num_warps=num_warps, num_stages=num_stages,
-    )
+
+    def launch(t: Tile) -> None:
+        wrap_triton(_attn_fwd_kernel)[_grid(grid_q, t.block_m, B, Hq, varlen)](
+            q, k, v, bias, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_bias_strides(bias),
+            *_strides3(out, varlen), slb, slh,
+            Sq, Sk, B, q.shape[0], Hq, group, float(scale) * LOG2E,
+            VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
+            TOP_LEFT=bool(causal_top_left), HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+            BLOCK_D=_block_d(D), DOT_PREC=_dot_prec(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+
+    if tile is None:
+        key = ("attention_fwd", q.dtype, D, bool(causal), varlen, bias is not None, seqused_k is not None,
+               *_size_key(grid_q, grid_k, B * Hq))
+        tile = autotune.choose(key, fwd_tiles(D, q.dtype, _on_cpu(q)), launch, q)
+    launch(tile)
 
 
 def attention_bwd(
@@ -794,25 +852,27 @@ def attention_bwd(
     dq: Tensor,
     dk: Tensor,
     dv: Tensor,
+    dkdv_tile: Optional[Tile] = None,
+    dq_tile: Optional[Tile] = None,
 ) -> None:
     """FlashAttention-2 backward into dq, dk, dv (contiguous, shaped and typed as q, k, v). P is
     recomputed from lse; the bias gets no gradient. Keys past seqused_k get zero dk/dv, and so do
-    packed rows outside every sequence (dq, dk, dv), as in the reference."""
+    packed rows outside every sequence (dq, dk, dv), as in the reference. The dK/dV and dQ
+    kernels' configs: given (tests), or each the measured best of bwd_tiles."""
     _check_last_stride(grad_out, q, k, v, out)
     Hq, Hkv, group = _heads(q, k)
     D = q.shape[-1]
     varlen, B, Sq, Sk, grid_q, grid_k, (slb, slh) = _layout(
         q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bias)
     cpu = _on_cpu(q)
-    bm_kv, bn_kv, bm_q, bn_q, num_warps, num_stages = _bwd_config(D, q.dtype, cpu)
     block_d = _block_d(D)
-    prec = _dot_prec(q.dtype)
     common = dict(VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, HAS_BIAS=bias is not None,
                   CAUSAL=bool(causal), TOP_LEFT=bool(causal_top_left), HEAD_DIM=D, BLOCK_D=block_d,
-                  DOT_PREC=prec, num_warps=num_warps, num_stages=num_stages)
+                  DOT_PREC=_dot_prec(q.dtype))
     qs, ks, vs = _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen)
     dos = _strides3(grad_out, varlen)
     bs = _bias_strides(bias)
+    scales = (float(scale) * LOG2E, float(scale))
     delta = torch.empty_like(lse)  # read only at the query rows of sequences, which it covers
     if grid_q > 0 and q.numel() > 0:
         pre_m = 16 if cpu else max(16, 4096 // block_d)  # ~32 elements of each input per thread
@@ -820,21 +880,36 @@ def attention_bwd(
             out, grad_out, delta, cu_seqlens_q, *_strides3(out, varlen), *dos, slb, slh, Sq, Hq,
             VARLEN=varlen, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, num_warps=4,
         )
-    if k.numel() > 0:
-        # Every key row is written (zeros where no query reads it), also when there are no queries.
-        wrap_triton(_attn_bwd_dkdv_kernel)[_grid(grid_k, bn_kv, B, Hkv, varlen)](
+
+    def launch_dkdv(t: Tile) -> None:
+        wrap_triton(_attn_bwd_dkdv_kernel)[_grid(grid_k, t.block_n, B, Hkv, varlen)](
             q, k, v, bias, grad_out, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *qs, *ks, *vs, *bs, *dos, *_strides3(dk, varlen), *_strides3(dv, varlen), slb, slh,
-            Sq, Sk, B, k.shape[0], Hkv, group, float(scale) * LOG2E, float(scale),
-            BLOCK_M=bm_kv, BLOCK_N=bn_kv, **common,
+            Sq, Sk, B, k.shape[0], Hkv, group, *scales,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
         )
-    if q.numel() > 0:
-        wrap_triton(_attn_bwd_dq_kernel)[_grid(grid_q, bm_q, B, Hq, varlen)](
+
+    def launch_dq(t: Tile) -> None:
+        wrap_triton(_attn_bwd_dq_kernel)[_grid(grid_q, t.block_m, B, Hq, varlen)](
             q, k, v, bias, grad_out, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *qs, *ks, *vs, *bs, *dos, *_strides3(dq, varlen), slb, slh,
-            Sq, Sk, B, q.shape[0], Hq, group, float(scale) * LOG2E, float(scale),
-            BLOCK_M=bm_q, BLOCK_N=bn_q, **common,
+            Sq, Sk, B, q.shape[0], Hq, group, *scales,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
         )
+
+    dkdv_candidates, dq_candidates = bwd_tiles(D, q.dtype, cpu)
+    key = (q.dtype, D, bool(causal), varlen, bias is not None, seqused_k is not None)
+    if k.numel() > 0:
+        # Every key row is written (zeros where no query reads it), also when there are no queries.
+        if dkdv_tile is None:
+            dkdv_tile = autotune.choose(("attention_bwd_dkdv", *key, *_size_key(grid_q, grid_k, B * Hkv)),
+                                        dkdv_candidates, launch_dkdv, k)
+        launch_dkdv(dkdv_tile)
+    if q.numel() > 0:
+        if dq_tile is None:
+            dq_tile = autotune.choose(("attention_bwd_dq", *key, *_size_key(grid_q, grid_k, B * Hq)),
+                                      dq_candidates, launch_dq, q)
+        launch_dq(dq_tile)
 
 
 def decode_num_splits(q: Tensor, k_cache: Tensor, block_n: int) -> int:
@@ -860,32 +935,39 @@ def attention_decode(
     num_splits: int,
     out: Tensor,
     lse: Tensor,
+    tile: Optional[DecodeTile] = None,
 ) -> None:
     """Flash-decoding: out (B, Sq, Hq, D) contiguous q-shaped and lse fp32 (B, Hq, Sq) of q over
-    the first cache_seqlens[b] entries of each cache row (causal: bottom-right within them)."""
+    the first cache_seqlens[b] entries of each cache row (causal: bottom-right within them).
+    ``tile``: the split kernel's config (tests); by default the measured best of decode_tiles."""
     _check_last_stride(q, k_cache, v_cache)
     Hq, Hkv, group = _heads(q, k_cache)
     B, Sq, _, D = q.shape
     if B == 0 or Sq == 0 or Hq == 0:
         return
-    block_n, num_warps, num_stages = _decode_config(D, _on_cpu(q))
-    if num_splits <= 0:
-        num_splits = decode_num_splits(q, k_cache, block_n)
-    num_splits = int(num_splits)
     block_m = max(16, triton.next_power_of_2(group * Sq))
     block_d = _block_d(D)
-    o_part = torch.empty(B, Hq, Sq, num_splits, D, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(B, Hq, Sq, num_splits, dtype=torch.float32, device=q.device)
-    wrap_triton(_attn_decode_split_kernel)[(num_splits, B * Hkv)](
-        q, k_cache, v_cache, cache_seqlens, o_part, l_part,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Sq, Hq, Hkv, group, num_splits, k_cache.shape[1], float(scale) * LOG2E,
-        CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PREC=_dot_prec(q.dtype), num_warps=num_warps, num_stages=num_stages,
-    )
-    block_s = max(2, triton.next_power_of_2(num_splits))  # every split's row held: ~16 values a thread
-    wrap_triton(_attn_decode_combine_kernel)[(B * Hq * Sq,)](
-        o_part, l_part, out, lse, out.stride(0), out.stride(1), out.stride(2), Sq, Hq, num_splits,
-        HEAD_DIM=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=max(1, min(8, block_s * block_d // 512)),
-    )
+
+    def launch(t: DecodeTile) -> None:
+        splits = int(num_splits) if num_splits > 0 else decode_num_splits(q, k_cache, t.block_n)
+        o_part = torch.empty(B, Hq, Sq, splits, D, dtype=torch.float32, device=q.device)
+        l_part = torch.empty(B, Hq, Sq, splits, dtype=torch.float32, device=q.device)
+        wrap_triton(_attn_decode_split_kernel)[(splits, B * Hkv)](
+            q, k_cache, v_cache, cache_seqlens, o_part, l_part,
+            q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            Sq, Hq, Hkv, group, splits, k_cache.shape[1], float(scale) * LOG2E,
+            CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_D=block_d,
+            DOT_PREC=_dot_prec(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+        block_s = max(2, triton.next_power_of_2(splits))  # every split's row held: ~16 values a thread
+        wrap_triton(_attn_decode_combine_kernel)[(B * Hq * Sq,)](
+            o_part, l_part, out, lse, out.stride(0), out.stride(1), out.stride(2), Sq, Hq, splits,
+            HEAD_DIM=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=max(1, min(8, block_s * block_d // 512)),
+        )
+
+    if tile is None:
+        key = ("attention_decode", q.dtype, D, bool(causal), int(max(num_splits, 0)),
+               *_size_key(group * Sq, k_cache.shape[1], B * Hkv))
+        tile = autotune.choose(key, decode_tiles(D, q.dtype, _on_cpu(q)), launch, q)
+    launch(tile)

@@ -15,6 +15,11 @@ import torch
 import lmkern  # noqa: F401  (registers the ops)
 from lmkern import dispatch
 
+# The Triton launchers' config tuning (lmkern/kernels/autotune.py) would time every candidate tile
+# for each new shape the suite uses, on a GPU: the suite tests the default tiles, every candidate
+# tile explicitly (tests/test_attention_triton.py) and the tuner itself (tests/test_autotune.py).
+os.environ.setdefault("LMKERN_AUTOTUNE", "0")
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # A fresh seed each run (fresh random inputs), printed in the header so any failure reproduces

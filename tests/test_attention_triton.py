@@ -61,7 +61,7 @@ def reference_dense(q, k, v, bias, allowed, scale, ct, upcast=True):
 
 
 def run_fwd(q, k, v, bias=None, cu_q=None, cu_k=None, seqused=None, max_q=0, max_k=0, causal=False,
-            top_left=False, scale=None):
+            top_left=False, scale=None, tile=None):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEVICE)  # unwritten elements show up
     if cu_q is None:
@@ -69,18 +69,19 @@ def run_fwd(q, k, v, bias=None, cu_q=None, cu_k=None, seqused=None, max_q=0, max
         max_q, max_k = q.shape[1], k.shape[1]
     else:
         lse = torch.full((q.shape[1], q.shape[0]), float("nan"), device=DEVICE)
-    kernels.attention_fwd(q, k, v, bias, cu_q, cu_k, seqused, max_q, max_k, causal, top_left, scale, out, lse)
+    kernels.attention_fwd(q, k, v, bias, cu_q, cu_k, seqused, max_q, max_k, causal, top_left, scale, out, lse,
+                          tile=tile)
     return out, lse
 
 
 def run_bwd(do, q, k, v, out, lse, bias=None, cu_q=None, cu_k=None, seqused=None, max_q=0, max_k=0,
-            causal=False, top_left=False, scale=None):
+            causal=False, top_left=False, scale=None, tiles=(None, None)):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if cu_q is None:
         max_q, max_k = q.shape[1], k.shape[1]
     grads = [torch.full(x.shape, float("nan"), dtype=x.dtype, device=DEVICE) for x in (q, k, v)]
     kernels.attention_bwd(do, q, k, v, out, lse, bias, cu_q, cu_k, seqused, max_q, max_k, causal, top_left,
-                          scale, *grads)
+                          scale, *grads, dkdv_tile=tiles[0], dq_tile=tiles[1])
     return grads
 
 
@@ -91,14 +92,15 @@ def check_lse(lse, ref_lse, what):
     torch.testing.assert_close(lse.double()[~dead], ref_lse[~dead], atol=2e-5, rtol=2e-6, msg=what)
 
 
-def check_dense(q, k, v, causal, top_left, bias=None, seqused=None, backward=True, scale=None, out_terms=0.0):
+def check_dense(q, k, v, causal, top_left, bias=None, seqused=None, backward=True, scale=None, out_terms=0.0,
+                fwd_tile=None, bwd_tiles=(None, None)):
     """Forward (and backward) of the kernels against the float64 reference and torch's own
     computation in q's dtype (out_terms: assert_close_2x's term_scale for out). Returns (out,
-    lse, grads) of the kernels."""
+    lse, grads) of the kernels. The tiles: launch configs (default: the launchers' choice)."""
     B, Sq, Hq, D = q.shape
     Sk = k.shape[1]
     scale = 1 / math.sqrt(D) if scale is None else scale
-    out, lse = run_fwd(q, k, v, bias, seqused=seqused, causal=causal, top_left=top_left, scale=scale)
+    out, lse = run_fwd(q, k, v, bias, seqused=seqused, causal=causal, top_left=top_left, scale=scale, tile=fwd_tile)
     allowed = _allowed_dense(B, Sq, Sk, causal, top_left, seqused)
     if seqused is not None:
         # The reference must not touch what the kernel never reads (NaN planted there).
@@ -113,7 +115,8 @@ def check_dense(q, k, v, causal, top_left, bias=None, seqused=None, backward=Tru
     grads = None
     if backward:
         do = _randn(*out.shape, dtype=q.dtype)
-        grads = run_bwd(do, q, k, v, out, lse, bias, seqused=seqused, causal=causal, top_left=top_left, scale=scale)
+        grads = run_bwd(do, q, k, v, out, lse, bias, seqused=seqused, causal=causal, top_left=top_left, scale=scale,
+                        tiles=bwd_tiles)
         ref_grads = torch.autograd.grad(ref_out, inputs64, do.double())
         lowp_grads = torch.autograd.grad(lowp_out, lowp_inputs, do)
         check_grads(grads, ref_grads, lowp_grads, do, ref_out, inputs64, scale)
@@ -189,6 +192,40 @@ def test_longer_sequences_larger_tiles(monkeypatch):
     k = _randn(1, 150, 1, 32, dtype=torch.float32)
     v = _randn(1, 150, 1, 32, dtype=torch.float32)
     check_dense(q, k, v, causal=True, top_left=False)
+
+
+def _gpu_tile_cases():
+    """(id, D, forward tile or None, (dK/dV tile, dQ tile) or None): every GPU autotune candidate
+    (kernels.fwd_tiles / bwd_tiles, float16). In the interpreter only the block shapes matter
+    (warps and stages are ignored), so there each shape runs once; on a GPU every config runs."""
+    cases, seen = [], set()
+    for D in (64, 128, 256):
+        fwd = kernels.fwd_tiles(D, torch.float16, cpu=False)
+        dkdv, dq = kernels.bwd_tiles(D, torch.float16, cpu=False)
+        tiles = [("fwd", t, None) for t in fwd]
+        tiles += [("bwd", None, (dkdv[min(i, len(dkdv) - 1)], dq[min(i, len(dq) - 1)]))
+                  for i in range(max(len(dkdv), len(dq)))]
+        for kind, f, b in tiles:
+            shape = (D, kind, (f.block_m, f.block_n) if f else tuple((t.block_m, t.block_n) for t in b))
+            if DEVICE == "cpu" and shape in seen:
+                continue
+            seen.add(shape)
+            name = f"D{D}-{kind}-" + "-".join(str(x) for x in (f if f else b[0] + b[1]))
+            cases.append(pytest.param(D, f, b, id=name))
+    return cases
+
+
+@pytest.mark.parametrize("D, fwd_tile, bwd_tiles", _gpu_tile_cases() if _ext.HAS_TRITON else [])
+def test_every_gpu_tile_config(D, fwd_tile, bwd_tiles):
+    """The tiles the GPU autotuner may pick, each against the reference: causal with Sq > Sk (rows
+    that see no key), GQA, lengths that leave partial blocks of the largest tiles. A forward case
+    checks the forward with that tile; a backward case runs the default forward, then the
+    backward with those dK/dV and dQ tiles."""
+    q = _randn(1, 150, 2, D, dtype=torch.float16)
+    k = _randn(1, 139, 1, D, dtype=torch.float16)
+    v = _randn(1, 139, 1, D, dtype=torch.float16)
+    check_dense(q, k, v, causal=True, top_left=False, backward=bwd_tiles is not None, fwd_tile=fwd_tile,
+                bwd_tiles=bwd_tiles or (None, None))
 
 
 def test_scale_and_large_scores():
@@ -478,7 +515,10 @@ def test_out_of_range_lengths_are_clamped():
 
 @pytest.mark.parametrize("case", list(DECODE))
 def test_decode(case):
-    B, Sq, Hq, Hkv, D, Smax, lengths, causal, num_splits, dtype = DECODE[case]
+    check_decode(*DECODE[case])
+
+
+def check_decode(B, Sq, Hq, Hkv, D, Smax, lengths, causal, num_splits, dtype, tile=None):
     q = _randn(B, Sq, Hq, D, dtype=dtype)
     k_cache = _randn(B, Smax, Hkv, D, dtype=dtype)
     v_cache = _randn(B, Smax, Hkv, D, dtype=dtype)
@@ -488,7 +528,7 @@ def test_decode(case):
         v_cache[b, n:] = float("nan")
     out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
     lse = torch.full((B, Hq, Sq), float("nan"), device=DEVICE)
-    kernels.attention_decode(q, k_cache, v_cache, seqlens, causal, D**-0.5, num_splits, out, lse)
+    kernels.attention_decode(q, k_cache, v_cache, seqlens, causal, D**-0.5, num_splits, out, lse, tile=tile)
 
     keep = torch.arange(Smax, device=DEVICE).view(1, Smax, 1, 1) < seqlens.view(B, 1, 1, 1)
     kc, vc = (torch.where(keep, x, torch.zeros((), dtype=dtype, device=DEVICE)) for x in (k_cache, v_cache))
@@ -503,6 +543,28 @@ def test_decode(case):
     for b, n in enumerate(lengths):
         if n == 0:
             assert torch.equal(out[b], torch.zeros_like(out[b])) and torch.isneginf(lse[b]).all()
+
+
+def _gpu_decode_tile_cases():
+    """Every GPU autotune candidate of the split kernel (kernels.decode_tiles): each block shape
+    once in the interpreter, every config on a GPU."""
+    cases, seen = [], set()
+    for dtype in (torch.float16, torch.float32):
+        for D in (64, 128, 256):
+            for t in kernels.decode_tiles(D, dtype, cpu=False):
+                if DEVICE == "cpu" and (dtype, D, t.block_n) in seen:
+                    continue
+                seen.add((dtype, D, t.block_n))
+                cases.append(pytest.param(D, dtype, t, id=f"D{D}-{str(dtype)[6:]}-" + "-".join(map(str, t))))
+    return cases
+
+
+@pytest.mark.parametrize("D, dtype, tile", _gpu_decode_tile_cases() if _ext.HAS_TRITON else [])
+def test_every_gpu_decode_tile_config(D, dtype, tile):
+    """The split kernel's candidate tiles against the reference: GQA with Sq = 2, a cache longer
+    than two of the largest key blocks, an empty row, both the heuristic split count and a fixed one."""
+    check_decode(3, 2, 4, 2, D, 300, [300, 0, 131], True, 0, dtype, tile=tile)
+    check_decode(1, 1, 2, 1, D, 300, [257], False, 3, dtype, tile=tile)
 
 
 def test_decode_heuristic_splits():
