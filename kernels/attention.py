@@ -29,6 +29,7 @@ in torch.library.triton_op (with autograd), hence every launch goes through wrap
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Optional
 
 import torch
@@ -215,13 +216,18 @@ def _fwd_block(
     acc, l_i, m_i, q, K, V, BIAS, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn,
     stride_bm, stride_bn, seqlen_q, seqlen_k, causal_offset, qk_scale,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     """One key block of the online softmax. MASKED = False: the caller guarantees every key of
-    the block exists and is visible to every row (no masking arithmetic at all)."""
+    the block exists and is visible to every row (no masking arithmetic at all). TMA: K and V
+    are tensor descriptors over the sequence's (keys, HEAD_DIM), which fill rows past the
+    sequence and columns past HEAD_DIM with zeros (the scores of such keys are masked below)."""
     cols = start_n + offs_n
     d_ok = offs_d < HEAD_DIM
-    if MASKED:
+    if TMA:
+        kT = tl.trans(K.load([start_n, 0]))
+        v = V.load([start_n, 0])
+    elif MASKED:
         kv_mask = (cols < seqlen_k)[None, :] & d_ok[:, None]
         kT = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None], mask=kv_mask, other=0.0)
         v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=tl.trans(kv_mask), other=0.0)
@@ -248,7 +254,7 @@ def _attn_fwd_kernel(
     seqlen_q_dense, seqlen_k_dense, num_seqs, total_q, Hq, GROUP, qk_scale,
     VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     # One program per (query block, batch * query head); packed, one more batch of programs fills
     # the rows outside every sequence.
@@ -270,10 +276,11 @@ def _attn_fwd_kernel(
         # The grid is sized by the max_seqlen_q hint, which torch.compile cannot check against
         # cu_seqlens_q: the programs stride over the row blocks, so a short hint costs time only.
         for m0 in range(pid_m * BLOCK_M, seqlen_q, tl.num_programs(0) * BLOCK_M):
-            _fwd_row_block(*args, m0, HAS_BIAS, CAUSAL, TOP_LEFT, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
+            _fwd_row_block(*args, m0, HAS_BIAS, CAUSAL, TOP_LEFT, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, TMA,
+                           WARP_SPECIALIZE)
     elif pid_m * BLOCK_M < seqlen_q:  # always (the grid covers seqlen_q); ptxas allocates better with it
         _fwd_row_block(*args, pid_m * BLOCK_M, HAS_BIAS, CAUSAL, TOP_LEFT, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
-                       DOT_PREC)
+                       DOT_PREC, TMA, WARP_SPECIALIZE)
 
 
 @triton.jit
@@ -284,14 +291,26 @@ def _fwd_row_block(
     qk_scale, m0,
     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """Query rows [m0, m0 + BLOCK_M) of sequence b in head h (kv head hk); m0 < seqlen_q."""
+    """Query rows [m0, m0 + BLOCK_M) of sequence b in head h (kv head hk); m0 < seqlen_q.
+    TMA: Q, K and V are read through tensor descriptors (Hopper's TMA engine does the address
+    arithmetic and bounds: far fewer registers than pointer tiles), one per sequence and head.
+    WARP_SPECIALIZE: one masked key loop that Triton splits into producer and consumer warps."""
     offs_m, row_ok, offs_d, d_ok = _tile_offsets(m0, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     Q = _seq_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qm)
-    q = _load_rows(Q, offs_m, stride_qm, row_ok, offs_d, d_ok)
     K = _seq_base(K, b, hk, k_start, stride_kb, stride_kh, stride_kn)
     V = _seq_base(V, b, hk, k_start, stride_vb, stride_vh, stride_vn)
+    if TMA:
+        q = tl.make_tensor_descriptor(Q, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D]).load([m0, 0])
+        K = tl.make_tensor_descriptor(K, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_D])
+        V = tl.make_tensor_descriptor(V, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        q = _load_rows(Q, offs_m, stride_qm, row_ok, offs_d, d_ok)
     if HAS_BIAS:
         BIAS = _head_base(BIAS, b, h, stride_bb, stride_bh)
     causal_offset = _causal_offset(seqlen_q, seqlen_k, TOP_LEFT)
@@ -308,18 +327,27 @@ def _fwd_row_block(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for start_n in range(0, full_hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, K, V, BIAS, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn,
-            stride_bm, stride_bn, seqlen_q, seqlen_k, causal_offset, qk_scale,
-            HEAD_DIM, HAS_BIAS, CAUSAL, False, DOT_PREC,
-        )
-    for start_n in range(full_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, K, V, BIAS, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn,
-            stride_bm, stride_bn, seqlen_q, seqlen_k, causal_offset, qk_scale,
-            HEAD_DIM, HAS_BIAS, CAUSAL, True, DOT_PREC,
-        )
+    if WARP_SPECIALIZE:
+        # Triton's Hopper warp specialization takes a single loop: every key block masked.
+        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, K, V, BIAS, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn,
+                stride_bm, stride_bn, seqlen_q, seqlen_k, causal_offset, qk_scale,
+                HEAD_DIM, HAS_BIAS, CAUSAL, True, DOT_PREC, TMA,
+            )
+    else:
+        for start_n in range(0, full_hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, K, V, BIAS, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn,
+                stride_bm, stride_bn, seqlen_q, seqlen_k, causal_offset, qk_scale,
+                HEAD_DIM, HAS_BIAS, CAUSAL, False, DOT_PREC, TMA,
+            )
+        for start_n in range(full_hi, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, K, V, BIAS, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn,
+                stride_bm, stride_bn, seqlen_q, seqlen_k, causal_offset, qk_scale,
+                HEAD_DIM, HAS_BIAS, CAUSAL, True, DOT_PREC, TMA,
+            )
 
     out, lse2 = _softmax_result(acc, l_i, m_i)  # dead rows: acc is 0, so out is 0
     O = _seq_base(O, b, h, q_start, stride_ob, stride_oh, stride_om)
@@ -645,6 +673,8 @@ class Tile(NamedTuple):
     block_n: int  # key rows per tile
     num_warps: int
     num_stages: int
+    tma: bool = False  # forward only: Q/K/V through TMA tensor descriptors (sm_90+)
+    warp_specialize: bool = False  # forward only: producer/consumer warps (one masked key loop)
 
 
 class DecodeTile(NamedTuple):
@@ -668,6 +698,22 @@ _FWD_TILES = {
     64: (Tile(128, 64, 4, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 4), Tile(128, 64, 8, 4)),
     128: (Tile(128, 64, 8, 3), Tile(128, 128, 8, 2), Tile(64, 64, 4, 3), Tile(128, 64, 8, 4)),
     256: (Tile(64, 64, 8, 2), Tile(64, 64, 8, 3)),
+}
+# On sm_90+, the same kernel with Q/K/V read through TMA descriptors: far fewer registers (158
+# instead of 255 at D = 128, 128 x 64, 8 warps) for twice the shared memory (the smaller D = 256
+# tile: the larger ones exceed sm_90's shared memory or spill).
+_FWD_TILES_TMA = {
+    64: (Tile(128, 64, 8, 3, True), Tile(128, 128, 8, 2, True)),
+    128: (Tile(128, 64, 8, 3, True), Tile(128, 128, 8, 2, True)),
+    256: (Tile(64, 64, 8, 2, True),),
+}
+# And warp-specialized (dense, no bias): Triton's Hopper pass splits the key loop into a TMA
+# producer warp group and two consumer groups (4 warps asked, 12 launched, registers moved to
+# the consumers by setmaxnreg). It takes a single loop, so every key block is masked.
+_FWD_TILES_TMA_WS = {
+    64: (Tile(128, 64, 4, 2, True, True), Tile(128, 128, 4, 2, True, True)),
+    128: (Tile(128, 64, 4, 2, True, True), Tile(128, 128, 4, 2, True, True)),
+    256: (Tile(64, 64, 4, 2, True, True), Tile(128, 64, 4, 2, True, True)),
 }
 # fp32 runs its ieee dots on FMA units, where larger tiles spill (ptxas, sm_90): one config.
 _FWD_TILES_FP32 = (Tile(16, 16, 4, 1),)
@@ -700,11 +746,53 @@ def _d_class(D: int) -> int:
     return 64 if bd <= 64 else 128 if bd <= 128 else 256
 
 
-def fwd_tiles(D: int, dtype: torch.dtype, cpu: bool) -> tuple[Tile, ...]:
-    """The forward's candidate configs, default first (CPU: the interpreter's one tile)."""
+def fwd_tiles(D: int, dtype: torch.dtype, cpu: bool, tma: bool = False, ws: bool = False) -> tuple[Tile, ...]:
+    """The forward's candidate configs, default first (CPU: the interpreter's one tile). tma:
+    also the TMA candidates (sm_90+, inputs TMA can address: see _tma_addressable); ws (with
+    tma): also the warp-specialized ones, which Triton 3.6 compiles only for dense calls
+    without a bias (its pass aborts on the packed kernel's row loop and on the bias loads)."""
     if cpu:
         return (Tile(CPU_FWD_BLOCK[0], CPU_FWD_BLOCK[1], 4, 1),)
-    return _FWD_TILES_FP32 if dtype == torch.float32 else _FWD_TILES[_d_class(D)]
+    if dtype == torch.float32:
+        return _FWD_TILES_FP32
+    d = _d_class(D)
+    if not tma:
+        return _FWD_TILES[d]
+    return _FWD_TILES[d] + _FWD_TILES_TMA[d] + (_FWD_TILES_TMA_WS[d] if ws else ())
+
+
+def _tma_addressable(*tensors: Tensor) -> bool:
+    """Whether TMA descriptors can read these (B, S, H, D) / (total, H, D) tensors on this GPU:
+    sm_90+, a Triton with tensor descriptors, 16-byte aligned base addresses and strides (every
+    sequence and head start is then aligned too). Fake tensors (torch.compile tracing): no."""
+    t0 = tensors[0]
+    if t0.device.type != "cuda" or not _HAS_TENSOR_DESCRIPTORS:
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    if any(is_fake(t) for t in tensors) or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+               for t in tensors)
+
+
+# Triton 3.2 (torch 2.6) has neither; the kernels reference them only under these constexprs.
+_HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
+_HAS_WARP_SPECIALIZE = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need a little global scratch per launch, which Triton asks
+    an allocator for; none is set by default (then the launch raises). Ours is set only where
+    none is (a ContextVar in Triton 3.3+)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
 
 
 def bwd_tiles(D: int, dtype: torch.dtype, cpu: bool) -> tuple[tuple[Tile, ...], tuple[Tile, ...]]:
@@ -816,6 +904,8 @@ def attention_fwd(
         return
 
     def launch(t: Tile) -> None:
+        if t.tma:
+            _ensure_tma_allocator()
         wrap_triton(_attn_fwd_kernel)[_grid(grid_q, t.block_m, B, Hq, varlen)](
             q, k, v, bias, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_bias_strides(bias),
@@ -823,13 +913,18 @@ def attention_fwd(
             Sq, Sk, B, q.shape[0], Hq, group, float(scale) * LOG2E,
             VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
             TOP_LEFT=bool(causal_top_left), HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-            BLOCK_D=_block_d(D), DOT_PREC=_dot_prec(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+            BLOCK_D=_block_d(D), DOT_PREC=_dot_prec(q.dtype), TMA=t.tma, WARP_SPECIALIZE=t.warp_specialize,
+            num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
     if tile is None:
-        key = ("attention_fwd", q.dtype, D, bool(causal), varlen, bias is not None, seqused_k is not None,
+        tma = _tma_addressable(q, k, v, out)
+        key = ("attention_fwd", q.dtype, D, bool(causal), varlen, bias is not None, seqused_k is not None, tma,
                *_size_key(grid_q, grid_k, B * Hq))
-        tile = autotune.choose(key, fwd_tiles(D, q.dtype, _on_cpu(q)), launch, q)
+        # A TMA tile is launched only where it was measured (never baked into a traced graph).
+        ws = tma and _HAS_WARP_SPECIALIZE and not varlen and bias is None
+        tile = autotune.choose(key, fwd_tiles(D, q.dtype, _on_cpu(q), tma, ws), launch, q,
+                               untimed_ok=lambda t: not t.tma)
     launch(tile)
 
 

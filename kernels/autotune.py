@@ -67,17 +67,22 @@ def measure_ms(run: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(run, warmup=2, rep=10, return_mode="median"))
 
 
-def choose(key: Hashable, candidates: Sequence[Config], run: Callable[[Config], object], probe: Tensor) -> Config:
+def choose(key: Hashable, candidates: Sequence[Config], run: Callable[[Config], object], probe: Tensor,
+           untimed_ok: Callable[[Config], bool] = lambda config: True) -> Config:
     """The config to launch: the fastest of ``candidates`` for ``key``, measured with run(config)
     (which launches it on the caller's tensors: its outputs are overwritten by the real launch
-    that follows) the first time the key is seen on a device where measuring is possible."""
+    that follows) the first time the key is seen on a device where measuring is possible.
+    Where nothing can be measured, only configs with ``untimed_ok(config)`` are returned (the
+    fastest measured such one, else the default)."""
     if len(candidates) == 1:
         return candidates[0]
     full_key = (key, str(probe.device))
-    if full_key in _chosen:
+    measuring = enabled() and _can_measure(probe)
+    if full_key in _chosen and (measuring or untimed_ok(_chosen[full_key])):
         return _chosen[full_key]  # type: ignore[return-value]
-    if not enabled() or not _can_measure(probe):
-        return candidates[0]
+    if not measuring:
+        ranked = sorted(_timings.get(full_key, ()), key=lambda t: t[1])
+        return next((c for c, ms in ranked if not math.isinf(ms) and untimed_ok(c)), candidates[0])
     skip = _launch_errors()
     timings = []
     for config in candidates:

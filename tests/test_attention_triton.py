@@ -196,17 +196,19 @@ def test_longer_sequences_larger_tiles(monkeypatch):
 
 def _gpu_tile_cases():
     """(id, D, forward tile or None, (dK/dV tile, dQ tile) or None): every GPU autotune candidate
-    (kernels.fwd_tiles / bwd_tiles, float16). In the interpreter only the block shapes matter
-    (warps and stages are ignored), so there each shape runs once; on a GPU every config runs."""
+    (kernels.fwd_tiles with the TMA and warp-specialized ones / bwd_tiles, float16). In the
+    interpreter only the block shapes, TMA and the single masked loop of warp specialization
+    matter (warps and stages are ignored), so there each runs once; on a GPU every config runs."""
     cases, seen = [], set()
     for D in (64, 128, 256):
-        fwd = kernels.fwd_tiles(D, torch.float16, cpu=False)
+        fwd = kernels.fwd_tiles(D, torch.float16, cpu=False, tma=True, ws=True)
         dkdv, dq = kernels.bwd_tiles(D, torch.float16, cpu=False)
         tiles = [("fwd", t, None) for t in fwd]
         tiles += [("bwd", None, (dkdv[min(i, len(dkdv) - 1)], dq[min(i, len(dq) - 1)]))
                   for i in range(max(len(dkdv), len(dq)))]
         for kind, f, b in tiles:
-            shape = (D, kind, (f.block_m, f.block_n) if f else tuple((t.block_m, t.block_n) for t in b))
+            shape = (D, kind, (f.block_m, f.block_n, f.tma, f.warp_specialize) if f else
+                     tuple((t.block_m, t.block_n) for t in b))
             if DEVICE == "cpu" and shape in seen:
                 continue
             seen.add(shape)
@@ -226,6 +228,31 @@ def test_every_gpu_tile_config(D, fwd_tile, bwd_tiles):
     v = _randn(1, 139, 1, D, dtype=torch.float16)
     check_dense(q, k, v, causal=True, top_left=False, backward=bwd_tiles is not None, fwd_tile=fwd_tile,
                 bwd_tiles=bwd_tiles or (None, None))
+
+
+@pytest.mark.parametrize("D", [80, 32])
+def test_tma_tiles_on_packed_sequences_and_padded_head_dims(D):
+    """The TMA forward (one descriptor per sequence and head) on packed sequences, GQA, and a head
+    dim below its power-of-two tile (the descriptor zero-fills columns past D and rows past the
+    sequence), with the smallest and the largest TMA tile."""
+    tiles = kernels.fwd_tiles(D, torch.float16, cpu=False, tma=True)
+    lens_q, lens_k = [70, 1, 140], [90, 33, 130]
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q = _randn(sum(lens_q), 4, D, dtype=torch.float16)
+    k = _randn(sum(lens_k), 2, D, dtype=torch.float16)
+    v = _randn(sum(lens_k), 2, D, dtype=torch.float16)
+    for tile in (t for t in tiles if t.tma):
+        out, lse = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max(lens_q), max_k=max(lens_k), causal=True,
+                           tile=tile)
+        for b in range(3):
+            sq, sk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+            args = [x[None] for x in (q[sq], k[sk], v[sk])]
+            allowed = _allowed_dense(1, lens_q[b], lens_k[b], True, False)
+            ref_out, ref_lse = reference_dense(*args, None, allowed, D**-0.5, torch.float64)
+            lowp_out, _ = reference_dense(*args, None, allowed, D**-0.5, torch.float16, upcast=False)
+            assert_close_2x(out[sq][None], ref_out, lowp_out, f"out of sequence {b}, {tile}")
+            check_lse(lse[:, sq][None], ref_lse, f"lse of sequence {b}, {tile}")
 
 
 def test_scale_and_large_scores():

@@ -101,6 +101,33 @@ def test_default_without_measuring(tuner, monkeypatch):
     assert at.choose("k", ["a", "b"], run, PROBE) == "b", "what was measured is kept where nothing can be"
 
 
+def test_untimed_launches_only_allowed_configs(tuner, monkeypatch):
+    """Where nothing can be measured (torch.compile tracing), a measured choice that is not
+    allowed untimed (a TMA tile) gives way to the fastest measured allowed one, else the default."""
+    at, times, runs, run = tuner
+    times.update({"a": 3.0, "tma": 0.5, "b": 1.0})
+    allowed = lambda c: c != "tma"  # noqa: E731
+    assert at.choose("k", ["a", "tma", "b"], run, PROBE, untimed_ok=allowed) == "tma"
+    monkeypatch.setattr(at, "_can_measure", lambda probe: False)
+    assert at.choose("k", ["a", "tma", "b"], run, PROBE, untimed_ok=allowed) == "b"
+    assert at.choose("new", ["a", "tma", "b"], run, PROBE, untimed_ok=allowed) == "a"
+    monkeypatch.setattr(at, "_can_measure", lambda probe: True)
+    assert at.choose("k", ["a", "tma", "b"], run, PROBE, untimed_ok=allowed) == "tma"
+
+
+def test_no_tma_on_cpu_tensors():
+    assert not kernels._tma_addressable(torch.empty(2, 8, 2, 64, dtype=torch.float16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="TMA needs an sm_90+ GPU")
+def test_tma_only_where_descriptors_can_address_the_tensors():
+    x = torch.empty(2, 64, 4, 64, dtype=torch.float16, device="cuda")
+    assert kernels._tma_addressable(x, x)
+    assert not kernels._tma_addressable(x, torch.empty(2, 64, 4, 36, dtype=torch.float16, device="cuda"))  # 72-byte rows
+    assert not kernels._tma_addressable(torch.empty(2, 64, 4, 72, dtype=torch.float16, device="cuda")[..., 1:])
+
+
 def test_measurable_only_on_real_cuda_tensors():
     assert not autotune._can_measure(torch.empty(2))
     assert not autotune._can_measure(torch.empty(2, device="meta"))
@@ -126,7 +153,7 @@ def test_attention_launchers_launch_the_chosen_tile(tuner, monkeypatch):
     dkdv = (kernels.Tile(16, 16, 4, 1), kernels.Tile(16, 32, 4, 1))
     dq = (kernels.Tile(16, 16, 4, 1), kernels.Tile(32, 16, 4, 1))
     dec = (kernels.DecodeTile(16, 4, 1), kernels.DecodeTile(32, 4, 1))
-    monkeypatch.setattr(kernels, "fwd_tiles", lambda D, dtype, cpu: fwd)
+    monkeypatch.setattr(kernels, "fwd_tiles", lambda D, dtype, cpu, tma=False, ws=False: fwd)
     monkeypatch.setattr(kernels, "bwd_tiles", lambda D, dtype, cpu: (dkdv, dq))
     monkeypatch.setattr(kernels, "decode_tiles", lambda D, dtype, cpu: dec)
     launched = []

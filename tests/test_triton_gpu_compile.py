@@ -25,4 +25,5 @@ def test_triton_kernels_compile_for_cuda(arch):
     done = subprocess.run([sys.executable, str(SCRIPT), str(arch)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"sm_{arch} compile failed:\n{done.stdout}\n{done.stderr[-6000:]}"
     compiled = [line for line in done.stdout.splitlines() if line.startswith(f"sm_{arch} ")]
-    assert len(compiled) == 74 and all(": ok" in line for line in compiled), done.stdout
+    # every kernel, with every autotune candidate (sm_90 adds the forward's TMA tiles)
+    assert len(compiled) == {80: 78, 90: 93}[arch] and all(": ok" in line for line in compiled), done.stdout

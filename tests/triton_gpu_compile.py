@@ -87,7 +87,7 @@ def compile_launch(kernel, args: tuple, kwargs: dict, arch: int):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def record_launches() -> None:
+def record_launches(arch: int) -> None:
     """The launchers, on representative shapes and options, with meta tensors (nothing runs)."""
     triton_norm.wrap_triton = _Recorder
     triton_sampling.wrap_triton = _Recorder
@@ -129,12 +129,13 @@ def record_launches() -> None:
                            rows(B, torch.int64), rows(B, torch.float32), rows(B, torch.float32), 0,
                            rows(B, torch.int64), rows(B, torch.int64), rows(B, torch.float32), splits=16)
 
-    record_attention(label, meta)
+    record_attention(label, meta, arch)
 
 
-def record_attention(label, meta) -> None:
+def record_attention(label, meta, arch: int) -> None:
     """Attention forward and backward on the head dims and features the tile configs distinguish
-    (D <= 64, <= 128, 256; fp32's ieee dots; varlen; bias + seqused_k), and decoding."""
+    (D <= 64, <= 128, 256; fp32's ieee dots; varlen; bias + seqused_k), and decoding, each with
+    every autotune candidate (the TMA ones from sm_90 on)."""
     B, S, Hq, Hkv = 2, 1024, 16, 4
     i32 = torch.int32
     # (dtype, D, causal, varlen, bias + seqused_k, backward too)
@@ -144,6 +145,7 @@ def record_attention(label, meta) -> None:
         (torch.float16, 256, True, False, False, True),
         (torch.float32, 80, False, False, True, True),
         (torch.bfloat16, 96, False, False, True, False),
+        (torch.bfloat16, 64, False, False, False, False),  # D <= 64 dense: the warp-specialized tiles
     )
     for dtype, D, causal, varlen, masked, backward in cases:
         if varlen:
@@ -163,7 +165,9 @@ def record_attention(label, meta) -> None:
                f"{' bias seqused_k' if masked else ''}"
         # Every autotune candidate (the default first): each must compile and fit, since the
         # GPU may pick any of them.
-        for i, tile in enumerate(triton_attention.fwd_tiles(D, dtype, cpu=False)):
+        hopper = arch >= 90
+        for i, tile in enumerate(triton_attention.fwd_tiles(D, dtype, cpu=False, tma=hopper,
+                                                            ws=hopper and not varlen and not masked)):
             label(f"{name} fwd {_tile_text(tile, i)}")
             triton_attention.attention_fwd(q, k, k, *args, torch.empty_like(q), lse, tile=tile)
         if backward:
@@ -215,7 +219,7 @@ def ptxas_usage(compiled, arch: int) -> str:
 
 
 def main(arch: int, regs: bool = False) -> int:
-    record_launches()
+    record_launches(arch)
     seen = set()
     over = 0
     for text, kernel, args, kwargs in recorded:
