@@ -57,8 +57,9 @@ head -30 "$OUT/info.txt"
 status=0
 if [ "$TESTS" != none ]; then
   # CUDA tests only by default: the CPU tiers run in CI on every commit, and the lease is short.
-  # The CPU emulations of the CUDA kernels (*_cuda_algo) are CPU tests despite their names.
-  select=(-k "(cuda or environment) and not algo")
+  # The CPU emulations of the CUDA kernels (*_cuda_algo) are CPU tests despite their names; the
+  # Triton launchers' per-tile tests (every autotune candidate) and the tuner run on the GPU too.
+  select=(-k "(cuda or environment or every_gpu or tma or autotune) and not algo")
   [ "$TESTS" = all ] && select=()
   extra=()
   $PY -c "import xdist" 2>/dev/null && extra+=(-n 8)  # Triton compiles its kernels on the CPU: in parallel

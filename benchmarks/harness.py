@@ -167,6 +167,7 @@ def run_suite(suite, device: str, quick: bool = False, log=print, deadline: floa
     of result rows, the sizes its targets name first), then ``suite.summarize``. With ``deadline``
     (a time.monotonic() value) no new measurement starts after it and the payload is marked
     partial: a GPU lease is short, and a cut run still keeps the rows it measured."""
+    _tuned_configs(reset=True)  # a suite's results name the configs its own runs chose
     copy_gbps = copy_bandwidth_gbps(device)
     log(f"copy bandwidth on {device_slug(device)}: {copy_gbps:.1f} GB/s")
     rows = []
@@ -182,14 +183,21 @@ def run_suite(suite, device: str, quick: bool = False, log=print, deadline: floa
     return _with_tuned_configs(suite.summarize(device, rows, copy_gbps))
 
 
-def _with_tuned_configs(payload: dict) -> dict:
-    """Adds the launch configs the Triton autotuner measured and chose (GPU runs), so a result
-    says which tiles it was measured with."""
+def _tuned_configs(reset: bool = False) -> dict:
+    """The launch configs the Triton autotuner measured and chose so far (GPU runs); reset:
+    forget them first."""
     try:
         from lmkern.kernels import autotune
     except ImportError:  # no Triton
-        return payload
-    tuned = autotune.chosen()
+        return {}
+    if reset:
+        autotune.reset()
+    return autotune.chosen()
+
+
+def _with_tuned_configs(payload: dict) -> dict:
+    """Adds the tuned configs to a suite's results, so a result says which tiles it ran with."""
+    tuned = _tuned_configs()
     if tuned:
         payload["autotune"] = tuned
     return payload

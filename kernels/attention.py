@@ -764,7 +764,8 @@ def fwd_tiles(D: int, dtype: torch.dtype, cpu: bool, tma: bool = False, ws: bool
 def _tma_addressable(*tensors: Tensor) -> bool:
     """Whether TMA descriptors can read these (B, S, H, D) / (total, H, D) tensors on this GPU:
     sm_90+, a Triton with tensor descriptors, 16-byte aligned base addresses and strides (every
-    sequence and head start is then aligned too). Fake tensors (torch.compile tracing): no."""
+    sequence and head start is then aligned too), rows of at least 16 bytes. Fake tensors
+    (torch.compile tracing): no."""
     t0 = tensors[0]
     if t0.device.type != "cuda" or not _HAS_TENSOR_DESCRIPTORS:
         return False
@@ -772,8 +773,8 @@ def _tma_addressable(*tensors: Tensor) -> bool:
 
     if any(is_fake(t) for t in tensors) or torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
-    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
-               for t in tensors)
+    return all(t.data_ptr() % 16 == 0 and t.shape[-1] * t.element_size() >= 16
+               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
 
 
 # Triton 3.2 (torch 2.6) has neither; the kernels reference them only under these constexprs.
@@ -918,7 +919,7 @@ def attention_fwd(
         )
 
     if tile is None:
-        tma = _tma_addressable(q, k, v, out)
+        tma = _tma_addressable(q, k, v)  # (out is written through pointers)
         key = ("attention_fwd", q.dtype, D, bool(causal), varlen, bias is not None, seqused_k is not None, tma,
                *_size_key(grid_q, grid_k, B * Hq))
         # A TMA tile is launched only where it was measured (never baked into a traced graph).
