@@ -746,11 +746,12 @@ def _d_class(D: int) -> int:
     return 64 if bd <= 64 else 128 if bd <= 128 else 256
 
 
-def fwd_tiles(D: int, dtype: torch.dtype, cpu: bool, tma: bool = False, ws: bool = False) -> tuple[Tile, ...]:
+def fwd_tiles(D: int, dtype: torch.dtype, cpu: bool, tma: bool = False, varlen: bool = False,
+              bias: bool = False) -> tuple[Tile, ...]:
     """The forward's candidate configs, default first (CPU: the interpreter's one tile). tma:
-    also the TMA candidates (sm_90+, inputs TMA can address: see _tma_addressable); ws (with
-    tma): also the warp-specialized ones, which Triton 3.6 compiles only for dense calls
-    without a bias (its pass aborts on the packed kernel's row loop and on the bias loads)."""
+    also the TMA candidates (sm_90+, inputs TMA can address: see _tma_addressable), and the
+    warp-specialized ones for dense calls without a bias (Triton 3.6's pass aborts on the
+    packed kernel's row loop and on the bias loads)."""
     if cpu:
         return (Tile(CPU_FWD_BLOCK[0], CPU_FWD_BLOCK[1], 4, 1),)
     if dtype == torch.float32:
@@ -758,6 +759,7 @@ def fwd_tiles(D: int, dtype: torch.dtype, cpu: bool, tma: bool = False, ws: bool
     d = _d_class(D)
     if not tma:
         return _FWD_TILES[d]
+    ws = _HAS_WARP_SPECIALIZE and not varlen and not bias
     return _FWD_TILES[d] + _FWD_TILES_TMA[d] + (_FWD_TILES_TMA_WS[d] if ws else ())
 
 
@@ -922,10 +924,9 @@ def attention_fwd(
         tma = _tma_addressable(q, k, v)  # (out is written through pointers)
         key = ("attention_fwd", q.dtype, D, bool(causal), varlen, bias is not None, seqused_k is not None, tma,
                *_size_key(grid_q, grid_k, B * Hq))
+        candidates = fwd_tiles(D, q.dtype, _on_cpu(q), tma, varlen, bias is not None)
         # A TMA tile is launched only where it was measured (never baked into a traced graph).
-        ws = tma and _HAS_WARP_SPECIALIZE and not varlen and bias is None
-        tile = autotune.choose(key, fwd_tiles(D, q.dtype, _on_cpu(q), tma, ws), launch, q,
-                               untimed_ok=lambda t: not t.tma)
+        tile = autotune.choose(key, candidates, launch, q, untimed_ok=lambda t: not t.tma)
     launch(tile)
 
 

@@ -61,3 +61,10 @@ def packed(lens_q, lens_k, hq, hkv, D, dtype=torch.float32):
     q = torch.randn(int(cu_q[-1]), hq, D).to(dtype)
     k, v = torch.randn(int(cu_k[-1]), hkv, D).to(dtype), torch.randn(int(cu_k[-1]), hkv, D).to(dtype)
     return q, k, v, cu_q, cu_k
+
+
+def tile_pairs(first: tuple, second: tuple) -> list[tuple]:
+    """Every config of two candidate lists (the Triton backward's dK/dV and dQ tiles) at least
+    once, paired in order; past the end of the shorter list, its default (its first) again."""
+    return [(first[i] if i < len(first) else first[0], second[i] if i < len(second) else second[0])
+            for i in range(max(len(first), len(second)))]

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from attention_helpers import tile_pairs
 from helpers import assert_close_2x, poisoned_empty
 
 import lmkern
@@ -201,11 +202,9 @@ def _gpu_tile_cases():
     matter (warps and stages are ignored), so there each runs once; on a GPU every config runs."""
     cases, seen = [], set()
     for D in (64, 128, 256):
-        fwd = kernels.fwd_tiles(D, torch.float16, cpu=False, tma=True, ws=True)
-        dkdv, dq = kernels.bwd_tiles(D, torch.float16, cpu=False)
+        fwd = kernels.fwd_tiles(D, torch.float16, cpu=False, tma=True)
         tiles = [("fwd", t, None) for t in fwd]
-        tiles += [("bwd", None, (dkdv[min(i, len(dkdv) - 1)], dq[min(i, len(dq) - 1)]))
-                  for i in range(max(len(dkdv), len(dq)))]
+        tiles += [("bwd", None, pair) for pair in tile_pairs(*kernels.bwd_tiles(D, torch.float16, cpu=False))]
         for kind, f, b in tiles:
             shape = (D, kind, (f.block_m, f.block_n, f.tma, f.warp_specialize) if f else
                      tuple((t.block_m, t.block_n) for t in b))
@@ -234,8 +233,8 @@ def test_every_gpu_tile_config(D, fwd_tile, bwd_tiles):
 def test_tma_tiles_on_packed_sequences_and_padded_head_dims(D):
     """The TMA forward (one descriptor per sequence and head) on packed sequences, GQA, and a head
     dim below its power-of-two tile (the descriptor zero-fills columns past D and rows past the
-    sequence), with the smallest and the largest TMA tile."""
-    tiles = kernels.fwd_tiles(D, torch.float16, cpu=False, tma=True)
+    sequence), with every TMA tile."""
+    tiles = kernels.fwd_tiles(D, torch.float16, cpu=False, tma=True, varlen=True)
     lens_q, lens_k = [70, 1, 140], [90, 33, 130]
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)

@@ -153,7 +153,7 @@ def test_attention_launchers_launch_the_chosen_tile(tuner, monkeypatch):
     dkdv = (kernels.Tile(16, 16, 4, 1), kernels.Tile(16, 32, 4, 1))
     dq = (kernels.Tile(16, 16, 4, 1), kernels.Tile(32, 16, 4, 1))
     dec = (kernels.DecodeTile(16, 4, 1), kernels.DecodeTile(32, 4, 1))
-    monkeypatch.setattr(kernels, "fwd_tiles", lambda D, dtype, cpu, tma=False, ws=False: fwd)
+    monkeypatch.setattr(kernels, "fwd_tiles", lambda D, dtype, cpu, tma=False, varlen=False, bias=False: fwd)
     monkeypatch.setattr(kernels, "bwd_tiles", lambda D, dtype, cpu: (dkdv, dq))
     monkeypatch.setattr(kernels, "decode_tiles", lambda D, dtype, cpu: dec)
     launched = []
@@ -222,7 +222,7 @@ def test_tuning_on_the_gpu(monkeypatch):
     tuned = autotune.chosen()
     assert len(tuned) == 1
     (entry,) = tuned.values()
-    assert len(entry["ms"]) == len(kernels.fwd_tiles(128, torch.float16, cpu=False))
+    assert len(entry["ms"]) == len(kernels.fwd_tiles(128, torch.float16, cpu=False, tma=kernels._tma_addressable(q, k, v)))
     assert all(ms > 0 for _, ms in entry["ms"])
     want, want_lse = torch.empty_like(q), torch.empty_like(lse)
     kernels.attention_fwd(q, k, v, None, None, None, None, 512, 512, True, False, 128**-0.5, want, want_lse,

@@ -25,6 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from attention_helpers import tile_pairs  # noqa: E402  (this script's directory, tests/, is on sys.path)
 from lmkern.kernels import attention as triton_attention  # noqa: E402
 from lmkern.kernels import norm as triton_norm  # noqa: E402
 from lmkern.kernels import sampling as triton_sampling  # noqa: E402
@@ -165,20 +166,17 @@ def record_attention(label, meta, arch: int) -> None:
                f"{' bias seqused_k' if masked else ''}"
         # Every autotune candidate (the default first): each must compile and fit, since the
         # GPU may pick any of them.
-        hopper = arch >= 90
-        for i, tile in enumerate(triton_attention.fwd_tiles(D, dtype, cpu=False, tma=hopper,
-                                                            ws=hopper and not varlen and not masked)):
+        for i, tile in enumerate(triton_attention.fwd_tiles(D, dtype, cpu=False, tma=arch >= 90, varlen=varlen,
+                                                            bias=masked)):
             label(f"{name} fwd {_tile_text(tile, i)}")
             triton_attention.attention_fwd(q, k, k, *args, torch.empty_like(q), lse, tile=tile)
         if backward:
             dkdv, dq = triton_attention.bwd_tiles(D, dtype, cpu=False)
-            for i in range(max(len(dkdv), len(dq))):
-                # past the end of the shorter list, its default again (the recorder drops repeats)
-                tiles = dkdv[i if i < len(dkdv) else 0], dq[i if i < len(dq) else 0]
-                label(f"{name} bwd dkdv {_tile_text(tiles[0], i if i < len(dkdv) else 0)}, "
-                      f"dq {_tile_text(tiles[1], i if i < len(dq) else 0)}")
+            for dkdv_tile, dq_tile in tile_pairs(dkdv, dq):  # (the recorder drops repeated binaries)
+                label(f"{name} bwd dkdv {_tile_text(dkdv_tile, dkdv.index(dkdv_tile))}, "
+                      f"dq {_tile_text(dq_tile, dq.index(dq_tile))}")
                 triton_attention.attention_bwd(q, q, k, k, q, lse, *args, torch.empty_like(q), torch.empty_like(k),
-                                               torch.empty_like(k), dkdv_tile=tiles[0], dq_tile=tiles[1])
+                                               torch.empty_like(k), dkdv_tile=dkdv_tile, dq_tile=dq_tile)
     for dtype, D, Sq in ((torch.float16, 128, 1), (torch.bfloat16, 256, 4), (torch.float32, 64, 1), (torch.float16, 64, 2)):
         q = torch.empty(8, Sq, 32, D, dtype=dtype, **meta)
         cache = torch.empty(8, 4096, 8, D, dtype=dtype, **meta)
