@@ -757,7 +757,7 @@ def fwd_tiles(D: int, dtype: torch.dtype, cpu: bool, tma: bool = False, varlen: 
     if dtype == torch.float32:
         return _FWD_TILES_FP32
     d = _d_class(D)
-    if not tma:
+    if not (tma and _HAS_TENSOR_DESCRIPTORS):
         return _FWD_TILES[d]
     ws = _HAS_WARP_SPECIALIZE and not varlen and not bias
     return _FWD_TILES[d] + _FWD_TILES_TMA[d] + (_FWD_TILES_TMA_WS[d] if ws else ())
