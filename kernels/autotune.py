@@ -28,9 +28,14 @@ from torch import Tensor
 
 Config = TypeVar("Config")
 
-_chosen: dict[Hashable, object] = {}
-# Per-candidate timings (ms, inf when it could not run) of every tuned key, for reports.
+# Per tuned key, every candidate's (config, ms), fastest first (inf: it could not run). The
+# first entry, when finite, is the key's choice.
 _timings: dict[Hashable, list[tuple[object, float]]] = {}
+
+
+def _ranked(full_key: Hashable) -> list:
+    """The configs measured for a key that ran, fastest first."""
+    return [config for config, ms in _timings.get(full_key, ()) if not math.isinf(ms)]
 
 
 def enabled() -> bool:
@@ -77,12 +82,11 @@ def choose(key: Hashable, candidates: Sequence[Config], run: Callable[[Config], 
     if len(candidates) == 1:
         return candidates[0]
     full_key = (key, str(probe.device))
-    measuring = enabled() and _can_measure(probe)
-    if full_key in _chosen and (measuring or untimed_ok(_chosen[full_key])):
-        return _chosen[full_key]  # type: ignore[return-value]
-    if not measuring:
-        ranked = sorted(_timings.get(full_key, ()), key=lambda t: t[1])
-        return next((c for c, ms in ranked if not math.isinf(ms) and untimed_ok(c)), candidates[0])
+    ranked = _ranked(full_key)
+    if not (enabled() and _can_measure(probe)):
+        return next((c for c in ranked if untimed_ok(c)), candidates[0])
+    if ranked:
+        return ranked[0]
     skip = _launch_errors()
     timings = []
     for config in candidates:
@@ -91,27 +95,22 @@ def choose(key: Hashable, candidates: Sequence[Config], run: Callable[[Config], 
         except skip:
             ms = math.inf
         timings.append((config, ms))
-    best, best_ms = min(timings, key=lambda t: t[1])
-    if math.isinf(best_ms):
-        best = candidates[0]  # none ran: the real launch raises the default's error
-    else:
-        _chosen[full_key] = best
-    _timings[full_key] = timings
-    return best  # type: ignore[return-value]
+    _timings[full_key] = sorted(timings, key=lambda t: t[1])  # stable: ties keep the list's order
+    # none ran (not remembered as a choice): the real launch raises the default's error
+    return next(iter(_ranked(full_key)), candidates[0])
 
 
 def chosen() -> dict[str, dict]:
     """What was measured so far: {key: {"config": best, "ms": [per-candidate timings]}} with
     printable keys (benchmarks record it beside their results)."""
     return {
-        repr(key): {"config": repr(_chosen.get(key)), "ms": [(repr(c), ms) for c, ms in timings]}
+        repr(key): {"config": repr(next(iter(_ranked(key)), None)), "ms": [(repr(c), ms) for c, ms in timings]}
         for key, timings in _timings.items()
     }
 
 
 def reset() -> None:
     """Forgets every measured choice (tests)."""
-    _chosen.clear()
     _timings.clear()
 
 
