@@ -5,15 +5,26 @@ tests on cuda/triton. A backend that should be present but is not is caught by
 tests/test_environment.py (LMKERN_REQUIRE_BACKENDS), not silently skipped.
 """
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 import zlib
 
-import pytest
-import torch
+# torch.compile's on-disk caches do not see a change in a custom op's schema or autograd (a
+# known torch limit, pytorch#144344): a run after such a change would replay the old graphs.
+# Each run compiles into a fresh directory, as on a fresh machine (set before lmkern's import,
+# which sets torch's default; pytest-xdist's workers inherit the directory and share it).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmkern-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
-import lmkern  # noqa: F401  (registers the ops)
-from lmkern import dispatch
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import lmkern  # noqa: F401, E402  (registers the ops)
+from lmkern import dispatch  # noqa: E402
 
 # The Triton launchers' config tuning (lmkern/kernels/autotune.py) would time every candidate tile
 # for each new shape the suite uses, on a GPU: the suite tests the default tiles, every candidate
