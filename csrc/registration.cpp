@@ -49,20 +49,25 @@ TORCH_LIBRARY(lmkern, m) {
   // optional int32 (B,), sequence b reads only its first seqused_k[b] keys. causal: key j is
   // visible to query i iff j <= i + (causal_top_left ? 0 : Sk_b - Sq_b). Returns out (q's
   // shape and dtype, contiguous) and fp32 lse (B, Hq, Sq), or (Hq, total_q) when packed; a row
-  // that sees no key has out 0 and lse -inf.
+  // that sees no key has out 0 and lse -inf. And, for the backward, fp32 stats (2,) + lse's
+  // shape: each row's max score m and the log of its sum of exp(score - m), in the kernel's own
+  // units (natural log on the CPU; base 2 on CUDA, whose scores are scaled by log2(e)); -inf
+  // and 0 for a row that sees no key. The backward needs both: where scores are near float32's
+  // min (Hugging Face's masks), lse = m + log-sum rounds to m.
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, Tensor? seqused_k, SymInt max_seqlen_q, SymInt max_seqlen_k, "
-      "bool causal, bool causal_top_left, float scale) -> (Tensor out, Tensor lse)");
+      "bool causal, bool causal_top_left, float scale) -> (Tensor out, Tensor lse, Tensor stats)");
   // Gradients of attention_fwd's (out, lse) with respect to q, k, v, for the same arguments
-  // (whatever attention_fwd takes, this takes), given out and lse as it returned them: grad_out
-  // (q's shape and dtype, unit stride in the last dim) and optionally grad_lse (lse's shape,
-  // fp32). Returns dq, dk, dv in q's dtype, contiguous, in q's/k's/v's shapes; with GQA dk and
-  // dv sum over each group's query heads. The bias gets no gradient. Rows whose lse is -inf
-  // (no visible key) give and get zero gradient; keys past seqused_k get zero gradient.
+  // (whatever attention_fwd takes, this takes), given out and stats as it returned them on this
+  // device: grad_out (q's shape and dtype, unit stride in the last dim) and optionally grad_lse
+  // (lse's shape, fp32). Returns dq, dk, dv in q's dtype, contiguous, in q's/k's/v's shapes;
+  // with GQA dk and dv sum over each group's query heads. The bias gets no gradient. Rows whose
+  // max is -inf (no visible key) give and get zero gradient; keys past seqused_k get zero
+  // gradient.
   m.def(
       "attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
-      "Tensor out, Tensor lse, Tensor? bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "Tensor out, Tensor stats, Tensor? bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "Tensor? seqused_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, "
       "bool causal_top_left, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Decoding against a KV cache (few queries, long cache): q (B, Sq, Hq, D), caches

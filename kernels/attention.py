@@ -8,8 +8,10 @@ lmkern/reference/attention.py. Conventions shared by every kernel here:
   softmax uses exp2; lse is converted back to natural log when stored.
 * Online softmax in fp32 with the running max guarded against -inf: a row that has seen no
   visible key keeps m = -inf and is shifted by 0, so exp2(-inf) = 0 and nothing becomes NaN.
-  A row that ends with no visible key stores out 0 and lse -inf; the backward treats lse = -inf
-  as "contributes nothing".
+  A row that ends with no visible key stores out 0 and lse -inf; the backward treats a row max
+  of -inf as "contributes nothing".
+* The forward also stores each row's max and log2 of its sum (stats) for the backward, which
+  recomputes P = exp2((s2 - max) - log_sum): at scores near float32's min lse has lost log_sum.
 * Head dims are padded to a power of two >= 16 (BLOCK_D) with masked loads; every load past a
   sequence length is masked, so keys beyond seqused_k / cache_seqlens are never read.
 * Causal: key j is visible to query i iff j <= i + offset, offset = 0 (top-left) or
@@ -193,19 +195,27 @@ def _online_softmax(acc, l_i, m_i, s, v, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _softmax_result(acc, l_i, m_i):
-    """(out, lse in the log2 domain) of the running softmax; a row that saw no key: 0 and -inf.
-    l_i == 0 only for such a row (otherwise its max scores exp2(0) = 1); a NaN l_i (NaN among the
-    scores) keeps its NaN, in the output and in the lse, as the reference does."""
+    """(out, lse, row max, log2 of the row sum) of the running softmax, lse and max in the log2
+    domain; a row that saw no key: 0, -inf, -inf and 0. l_i == 0 only for such a row (otherwise
+    its max scores exp2(0) = 1); a NaN l_i (NaN among the scores) keeps its NaN, in the output,
+    the lse and the max (which the NaN scores may have left at -inf, the mark of a row without
+    keys), as the reference does."""
     live = l_i != 0.0
     l_safe = tl.where(live, l_i, 1.0)
-    return acc / l_safe[:, None], tl.where(live, m_i + tl.math.log2(l_safe), float("-inf"))
+    log_sum = tl.math.log2(l_safe)
+    m = tl.where(l_i == l_i, m_i, l_i)
+    return acc / l_safe[:, None], tl.where(live, m_i + log_sum, float("-inf")), m, log_sum
 
 
 @triton.jit
-def _lse_log2_shift(lse):
-    """The backward's shift of a row's scores: lse in the log2 domain; +inf where lse = -inf (a row
-    that saw no key, or padding), so that its P is 0."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+def _load_row_stats(STATS, rows, row_ok, stride_stat):
+    """The forward's (row max, log2 row sum), log2 domain, of the given rows, for the backward's
+    P = exp2((s - max) - log_sum). Not exp2(s - lse): where scores are near float32's min (Hugging
+    Face's masks) lse = max + log_sum rounds to max. The max is +inf where it was -inf (a row that
+    saw no key, or padding), so that its P is 0."""
+    m = tl.load(STATS + rows, mask=row_ok, other=float("-inf"))
+    log_sum = tl.load(STATS + stride_stat + rows, mask=row_ok, other=0.0)
+    return tl.where(m == float("-inf"), float("inf"), m), log_sum
 
 
 # ----------------------------------------------------------------------------- forward
@@ -248,9 +258,9 @@ def _fwd_block(
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "num_seqs", "total_q"])
 def _attn_fwd_kernel(
-    Q, K, V, BIAS, O, LSE, CU_Q, CU_K, SEQUSED_K,
+    Q, K, V, BIAS, O, LSE, STATS, CU_Q, CU_K, SEQUSED_K,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, stride_stat,
     seqlen_q_dense, seqlen_k_dense, num_seqs, total_q, Hq, GROUP, qk_scale,
     VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -265,13 +275,17 @@ def _attn_fwd_kernel(
                                HEAD_DIM, BLOCK_M, BLOCK_D)
             _fill_unowned_rows(LSE + h.to(tl.int64) * stride_lh, CU_Q, num_seqs, total_q, 1, float("-inf"),
                                1, BLOCK_M, 1)
+            _fill_unowned_rows(STATS + h.to(tl.int64) * stride_lh, CU_Q, num_seqs, total_q, 1, float("-inf"),
+                               1, BLOCK_M, 1)
+            _fill_unowned_rows(STATS + stride_stat + h.to(tl.int64) * stride_lh, CU_Q, num_seqs, total_q, 1, 0.0,
+                               1, BLOCK_M, 1)
             return
     q_start, seqlen_q, k_start, seqlen_k = _qk_bounds(
         CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN, HAS_SEQUSED)
-    args = (Q, K, V, BIAS, O, LSE, b, h, h // GROUP, q_start, k_start, seqlen_q, seqlen_k,
+    args = (Q, K, V, BIAS, O, LSE, STATS, b, h, h // GROUP, q_start, k_start, seqlen_q, seqlen_k,
             stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
             stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-            qk_scale)
+            stride_stat, qk_scale)
     if VARLEN:
         # The grid is sized by the max_seqlen_q hint, which torch.compile cannot check against
         # cu_seqlens_q: the programs stride over the row blocks, so a short hint costs time only.
@@ -285,10 +299,10 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _fwd_row_block(
-    Q, K, V, BIAS, O, LSE, b, h, hk, q_start, k_start, seqlen_q, seqlen_k,
+    Q, K, V, BIAS, O, LSE, STATS, b, h, hk, q_start, k_start, seqlen_q, seqlen_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-    qk_scale, m0,
+    stride_stat, qk_scale, m0,
     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
@@ -349,10 +363,13 @@ def _fwd_row_block(
                 HEAD_DIM, HAS_BIAS, CAUSAL, True, DOT_PREC, TMA,
             )
 
-    out, lse2 = _softmax_result(acc, l_i, m_i)  # dead rows: acc is 0, so out is 0
+    out, lse2, m, log_sum = _softmax_result(acc, l_i, m_i)  # dead rows: acc is 0, so out is 0
     O = _seq_base(O, b, h, q_start, stride_ob, stride_oh, stride_om)
     _store_rows(O, offs_m, stride_om, row_ok, offs_d, d_ok, out)
     tl.store(_seq_base(LSE, b, h, q_start, stride_lb, stride_lh, 1) + offs_m, lse2 * 0.6931471805599453, mask=row_ok)
+    STATS = _seq_base(STATS, b, h, q_start, stride_lb, stride_lh, 1)
+    tl.store(STATS + offs_m, m, mask=row_ok)
+    tl.store(STATS + stride_stat + offs_m, log_sum, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -384,10 +401,10 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "num_seqs", "total_k"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SEQUSED_K,
+    Q, K, V, BIAS, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SEQUSED_K,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh,
-    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh,
+    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, stride_stat,
     seqlen_q_dense, seqlen_k_dense, num_seqs, total_k, Hkv, GROUP, qk_scale, scale,
     VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -411,27 +428,28 @@ def _attn_bwd_dkdv_kernel(
         # hint, which torch.compile cannot check against cu_seqlens_k.
         for n0 in range(pid_n * BLOCK_N, seqlen_k, tl.num_programs(0) * BLOCK_N):
             _dkdv_key_block(
-                Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, b, hk, n0, q_start, k_start, seqlen_q, seqlen_k, seqlen_k,
+                Q, K, V, BIAS, DO, STATS, DELTA, DK, DV, b, hk, n0, q_start, k_start, seqlen_q, seqlen_k, seqlen_k,
                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                 stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn,
-                stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, GROUP, qk_scale, scale,
+                stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, stride_stat, GROUP, qk_scale, scale,
                 HAS_BIAS, CAUSAL, TOP_LEFT, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
     elif pid_n * BLOCK_N < seqlen_k_dense:  # always; as in the forward, ptxas allocates better with it
         # Dense, every key slot is written: those past seqused_k get zeros.
         _dkdv_key_block(
-            Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, b, hk, pid_n * BLOCK_N, q_start, k_start, seqlen_q, seqlen_k,
+            Q, K, V, BIAS, DO, STATS, DELTA, DK, DV, b, hk, pid_n * BLOCK_N, q_start, k_start, seqlen_q, seqlen_k,
             seqlen_k_dense, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
             stride_vh, stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh, stride_dkb,
-            stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, GROUP, qk_scale, scale,
+            stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, stride_stat, GROUP,
+            qk_scale, scale,
             HAS_BIAS, CAUSAL, TOP_LEFT, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
 
 
 @triton.jit
 def _dkdv_key_block(
-    Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, b, hk, n0, q_start, k_start, seqlen_q, seqlen_k, store_len,
+    Q, K, V, BIAS, DO, STATS, DELTA, DK, DV, b, hk, n0, q_start, k_start, seqlen_q, seqlen_k, store_len,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn,
-    stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, GROUP, qk_scale, scale,
+    stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, stride_stat, GROUP, qk_scale, scale,
     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -458,7 +476,7 @@ def _dkdv_key_block(
         h = hk * GROUP + g
         Qh = _seq_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qm)
         DOh = _seq_base(DO, b, h, q_start, stride_dob, stride_doh, stride_dom)
-        Lh = _seq_base(LSE, b, h, q_start, stride_lb, stride_lh, 1)
+        Sh = _seq_base(STATS, b, h, q_start, stride_lb, stride_lh, 1)
         Dh = _seq_base(DELTA, b, h, q_start, stride_lb, stride_lh, 1)
         Bh = _head_base(BIAS, b, h, stride_bb, stride_bh) if HAS_BIAS else BIAS
         for start_m in range(lo, hi, BLOCK_M):
@@ -466,16 +484,16 @@ def _dkdv_key_block(
             row_ok = offs_m < seqlen_q
             q = _load_rows(Qh, offs_m, stride_qm, row_ok, offs_d, d_ok)
             do = _load_rows(DOh, offs_m, stride_dom, row_ok, offs_d, d_ok)
-            lse2 = _lse_log2_shift(tl.load(Lh + offs_m, mask=row_ok, other=float("-inf")))
+            m, log_sum = _load_row_stats(Sh, offs_m, row_ok, stride_stat)
             delta = tl.load(Dh + offs_m, mask=row_ok, other=0.0)
             sT = _dot(k, tl.trans(q), DOT_PREC) * qk_scale
             if HAS_BIAS:
                 sT += _bias_log2(Bh, offs_n, offs_m, stride_bn, stride_bm, key_ok[:, None] & row_ok[None, :])
-            # Masked before exp2: a hidden score may exceed the row's lse (exp2 would overflow).
+            # Masked before exp2: a hidden score may exceed the row's max (exp2 would overflow).
             visible = key_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
-            pT = tl.math.exp2(tl.where(visible, sT, float("-inf")) - lse2[None, :])
+            pT = tl.math.exp2((tl.where(visible, sT, float("-inf")) - m[None, :]) - log_sum[None, :])
             dv += _dot(pT.to(do.dtype), do, DOT_PREC)
             dpT = _dot(v, tl.trans(do), DOT_PREC)
             dsT = pT * (dpT - delta[None, :])
@@ -488,10 +506,10 @@ def _dkdv_key_block(
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "num_seqs", "total_q"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, BIAS, DO, LSE, DELTA, DQ, CU_Q, CU_K, SEQUSED_K,
+    Q, K, V, BIAS, DO, STATS, DELTA, DQ, CU_Q, CU_K, SEQUSED_K,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh,
-    stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+    stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, stride_stat,
     seqlen_q_dense, seqlen_k_dense, num_seqs, total_q, Hq, GROUP, qk_scale, scale,
     VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -507,10 +525,10 @@ def _attn_bwd_dq_kernel(
             return
     q_start, seqlen_q, k_start, seqlen_k = _qk_bounds(
         CU_Q, CU_K, SEQUSED_K, b, seqlen_q_dense, seqlen_k_dense, VARLEN, HAS_SEQUSED)
-    args = (Q, K, V, BIAS, DO, LSE, DELTA, DQ, b, h, h // GROUP, q_start, k_start, seqlen_q, seqlen_k,
+    args = (Q, K, V, BIAS, DO, STATS, DELTA, DQ, b, h, h // GROUP, q_start, k_start, seqlen_q, seqlen_k,
             stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
             stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh,
-            stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, qk_scale, scale)
+            stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, stride_stat, qk_scale, scale)
     if VARLEN:
         # The programs stride over the row blocks (the grid follows the max_seqlen_q hint).
         for m0 in range(pid_m * BLOCK_M, seqlen_q, tl.num_programs(0) * BLOCK_M):
@@ -522,10 +540,10 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _dq_row_block(
-    Q, K, V, BIAS, DO, LSE, DELTA, DQ, b, h, hk, q_start, k_start, seqlen_q, seqlen_k,
+    Q, K, V, BIAS, DO, STATS, DELTA, DQ, b, h, hk, q_start, k_start, seqlen_q, seqlen_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_dom, stride_doh,
-    stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, qk_scale, scale, m0,
+    stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, stride_stat, qk_scale, scale, m0,
     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, TOP_LEFT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -536,9 +554,8 @@ def _dq_row_block(
     DO = _seq_base(DO, b, h, q_start, stride_dob, stride_doh, stride_dom)
     q = _load_rows(Q, offs_m, stride_qm, row_ok, offs_d, d_ok)
     do = _load_rows(DO, offs_m, stride_dom, row_ok, offs_d, d_ok)
-    lse = tl.load(_seq_base(LSE, b, h, q_start, stride_lb, stride_lh, 1) + offs_m, mask=row_ok, other=float("-inf"))
+    m, log_sum = _load_row_stats(_seq_base(STATS, b, h, q_start, stride_lb, stride_lh, 1), offs_m, row_ok, stride_stat)
     delta = tl.load(_seq_base(DELTA, b, h, q_start, stride_lb, stride_lh, 1) + offs_m, mask=row_ok, other=0.0)
-    lse2 = _lse_log2_shift(lse)
     K = _seq_base(K, b, hk, k_start, stride_kb, stride_kh, stride_kn)
     V = _seq_base(V, b, hk, k_start, stride_vb, stride_vh, stride_vn)
     if HAS_BIAS:
@@ -561,7 +578,7 @@ def _dq_row_block(
         visible = row_ok[:, None] & key_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-        p = tl.math.exp2(tl.where(visible, s, float("-inf")) - lse2[:, None])
+        p = tl.math.exp2((tl.where(visible, s, float("-inf")) - m[:, None]) - log_sum[:, None])
         dp = _dot(do, vT, DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PREC)
@@ -616,7 +633,7 @@ def _attn_decode_split_kernel(
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= qi[:, None] + causal_offset)
         acc, l_i, m_i = _online_softmax(acc, l_i, m_i, tl.where(visible, s, float("-inf")), v, DOT_PREC)
-    out, lse2 = _softmax_result(acc, l_i, m_i)  # lse2 stays in the log2 domain, combined below
+    out, lse2, _, _ = _softmax_result(acc, l_i, m_i)  # lse2 stays in the log2 domain, combined below
     part = ((b64 * Hq + h64) * Sq + qi) * num_splits + pid_s
     tl.store(LP + part, lse2, mask=row_ok)
     tl.store(OP + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
@@ -891,13 +908,16 @@ def attention_fwd(
     scale: float,
     out: Tensor,
     lse: Tensor,
+    stats: Tensor,
     tile: Optional[Tile] = None,
 ) -> None:
-    """FlashAttention-2 forward into out (q's shape and dtype, contiguous) and lse (fp32; (B, Hq,
-    Sq) dense, (Hq, total_q) packed). Layouts and conventions: the module docstring and
-    csrc/registration.cpp. Packed rows outside every sequence (before cu_seqlens_q[0], from
-    cu_seqlens_q[-1] on) get out 0 and lse -inf, as in the reference. ``tile``: a config to
-    launch with (tests); by default the measured best of fwd_tiles (kernels/autotune.py)."""
+    """FlashAttention-2 forward into out (q's shape and dtype, contiguous), lse (fp32; (B, Hq,
+    Sq) dense, (Hq, total_q) packed) and stats (fp32, (2,) + lse's shape: each row's max score
+    and log2 of its sum of exp2(score - max), log2 domain, for the backward). All contiguous.
+    Layouts and conventions: the module docstring and csrc/registration.cpp. Packed rows outside
+    every sequence (before cu_seqlens_q[0], from cu_seqlens_q[-1] on) get out 0, lse -inf and
+    stats (-inf, 0), as in the reference. ``tile``: a config to launch with (tests); by default
+    the measured best of fwd_tiles (kernels/autotune.py)."""
     _check_last_stride(q, k, v)
     Hq, Hkv, group = _heads(q, k)
     D = q.shape[-1]
@@ -910,9 +930,9 @@ def attention_fwd(
         if t.tma:
             _ensure_tma_allocator()
         wrap_triton(_attn_fwd_kernel)[_grid(grid_q, t.block_m, B, Hq, varlen)](
-            q, k, v, bias, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+            q, k, v, bias, out, lse, stats, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_bias_strides(bias),
-            *_strides3(out, varlen), slb, slh,
+            *_strides3(out, varlen), slb, slh, stats.stride(0),
             Sq, Sk, B, q.shape[0], Hq, group, float(scale) * LOG2E,
             VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
             TOP_LEFT=bool(causal_top_left), HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
@@ -936,7 +956,7 @@ def attention_bwd(
     k: Tensor,
     v: Tensor,
     out: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     bias: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor],
     cu_seqlens_k: Optional[Tensor],
@@ -953,7 +973,7 @@ def attention_bwd(
     dq_tile: Optional[Tile] = None,
 ) -> None:
     """FlashAttention-2 backward into dq, dk, dv (contiguous, shaped and typed as q, k, v). P is
-    recomputed from lse; the bias gets no gradient. Keys past seqused_k get zero dk/dv, and so do
+    recomputed from the forward's stats; the bias gets no gradient. Keys past seqused_k get zero dk/dv, and so do
     packed rows outside every sequence (dq, dk, dv), as in the reference. The dK/dV and dQ
     kernels' configs: given (tests), or each the measured best of bwd_tiles."""
     _check_last_stride(grad_out, q, k, v, out)
@@ -970,7 +990,7 @@ def attention_bwd(
     dos = _strides3(grad_out, varlen)
     bs = _bias_strides(bias)
     scales = (float(scale) * LOG2E, float(scale))
-    delta = torch.empty_like(lse)  # read only at the query rows of sequences, which it covers
+    delta = torch.empty_like(stats[0])  # read only at the query rows of sequences, which it covers
     if grid_q > 0 and q.numel() > 0:
         pre_m = 16 if cpu else max(16, 4096 // block_d)  # ~32 elements of each input per thread
         wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(grid_q, pre_m), B * Hq)](
@@ -980,16 +1000,16 @@ def attention_bwd(
 
     def launch_dkdv(t: Tile) -> None:
         wrap_triton(_attn_bwd_dkdv_kernel)[_grid(grid_k, t.block_n, B, Hkv, varlen)](
-            q, k, v, bias, grad_out, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k,
-            *qs, *ks, *vs, *bs, *dos, *_strides3(dk, varlen), *_strides3(dv, varlen), slb, slh,
+            q, k, v, bias, grad_out, stats, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k,
+            *qs, *ks, *vs, *bs, *dos, *_strides3(dk, varlen), *_strides3(dv, varlen), slb, slh, stats.stride(0),
             Sq, Sk, B, k.shape[0], Hkv, group, *scales,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
         )
 
     def launch_dq(t: Tile) -> None:
         wrap_triton(_attn_bwd_dq_kernel)[_grid(grid_q, t.block_m, B, Hq, varlen)](
-            q, k, v, bias, grad_out, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, seqused_k,
-            *qs, *ks, *vs, *bs, *dos, *_strides3(dq, varlen), slb, slh,
+            q, k, v, bias, grad_out, stats, delta, dq, cu_seqlens_q, cu_seqlens_k, seqused_k,
+            *qs, *ks, *vs, *bs, *dos, *_strides3(dq, varlen), slb, slh, stats.stride(0),
             Sq, Sk, B, q.shape[0], Hq, group, *scales,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
         )

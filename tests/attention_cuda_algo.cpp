@@ -16,7 +16,8 @@
 // whose cuda_runtime.h / cuda_fp16.h / cuda_bf16.h are empty (everything is defined here):
 //   attention_cuda_algo IN OUT
 // IN (little-endian): int64 mode (0 decode, 1 forward), then per mode (see read_decode /
-// read_forward); OUT: float32 out (q's shape), float32 lse.
+// read_forward); OUT: float32 out (q's shape), float32 lse, and for the forward its stats (row
+// max, then row log-sum, each laid out as lse).
 #include <algorithm>
 #include <barrier>
 #include <cmath>
@@ -459,6 +460,7 @@ void run_forward(FILE* out_file) {
   // garbage the kernel must overwrite
   std::vector<T> out(nq, attn_from_float<T>(NAN));
   std::vector<float> lse((packed ? 1 : B) * Hq * Sq, NAN);
+  std::vector<float> stats(2 * lse.size(), NAN);
 
   AttentionFwdParams p;
   p.q = q.data();
@@ -483,6 +485,8 @@ void run_forward(FILE* out_file) {
   if (has_used) p.seqused_k = used.data();
   p.out = out.data();
   p.lse = lse.data();
+  p.row_max = stats.data();
+  p.row_log_sum = stats.data() + lse.size();
   p.B = B;
   p.Hq = Hq;
   p.Hkv = Hkv;
@@ -505,6 +509,7 @@ void run_forward(FILE* out_file) {
   const std::vector<float> of = to_float_vec(out);
   std::fwrite(of.data(), 4, of.size(), out_file);
   std::fwrite(lse.data(), 4, lse.size(), out_file);
+  std::fwrite(stats.data(), 4, stats.size(), out_file);
 }
 
 }  // namespace

@@ -71,8 +71,20 @@ def check(out, lse, ref, ref_lp, ref_lse32, what):
     assert_close_2x(lse[~masked], ref_lse[~masked].double(), ref_lse32[~masked], f"{what} lse", term_scale=1.0)
 
 
+def check_stats(lse, stats, keys, what):
+    """The backward's stats: (row max m, log-sum ls) with m + ls = lse, ls in [0, log(keys)];
+    (-inf, 0) on the rows that see no key."""
+    assert stats.shape == (2,) + lse.shape and stats.dtype == torch.float32 and stats.is_contiguous(), what
+    m, ls = stats
+    dead = torch.isneginf(lse)
+    assert torch.equal(torch.isneginf(m), dead) and (ls[dead] == 0).all(), f"{what}: stats of rows without keys"
+    assert (ls[~dead] >= 0).all() and (ls[~dead] <= math.log(max(keys, 1)) + 1e-5).all(), f"{what}: log-sum range"
+    torch.testing.assert_close(m[~dead] + ls[~dead], lse[~dead], rtol=1e-6, atol=1e-6, msg=f"{what}: m + ls != lse")
+
+
 def run_dense(q, k, v, what, bias=None, used=None, causal=False, top_left=False, scale=None):
-    out, lse = op(q, k, v, bias, None, None, used, causal, top_left, scale)
+    out, lse, stats = op(q, k, v, bias, None, None, used, causal, top_left, scale)
+    check_stats(lse, stats, k.shape[1], what)
     kw = dict(bias=bias, used=used, causal=causal, top_left=top_left, scale=scale)
     ref = dense_reference(q, k, v, **kw)
     ref_lp = dense_reference(q, k, v, lowp=True, **kw)
@@ -151,14 +163,14 @@ def test_bias_broadcast_and_masked_rows(dtype):
 
 def test_fully_masked_rows_give_zeros():
     q, k, v = bhsd(1, 9, 2, 16, torch.float32), bhsd(1, 4, 2, 16, torch.float32), bhsd(1, 4, 2, 16, torch.float32)
-    out, lse = op(q, k, v, causal=True)  # bottom-right, Sq > Sk: rows 0..4 see nothing
+    out, lse, stats = op(q, k, v, causal=True)  # bottom-right, Sq > Sk: rows 0..4 see nothing
     assert (out[:, :5] == 0).all() and torch.isneginf(lse[:, :, :5]).all()
     assert torch.isfinite(out).all() and torch.isfinite(lse[:, :, 5:]).all()
     bias = torch.full((1, 2, 9, 4), -INF)
-    out, lse = op(q, k, v, bias)
+    out, lse, stats = op(q, k, v, bias)
     assert (out == 0).all() and torch.isneginf(lse).all()
     k0, v0 = torch.randn(1, 0, 2, 16), torch.randn(1, 0, 2, 16)  # no keys at all
-    out, lse = op(q, k0, v0)
+    out, lse, stats = op(q, k0, v0)
     assert out.shape == q.shape and (out == 0).all() and torch.isneginf(lse).all()
 
 
@@ -222,7 +234,7 @@ def test_few_row_items_nan():
     q, k, v = torch.randn(1, 1, 4, 40), torch.randn(1, 90, 2, 40), torch.randn(1, 90, 2, 40)
     q[0, 0, 1, 5] = float("nan")
     v[0, 70, 1, 33] = float("nan")
-    out, lse = op(q, k, v)
+    out, lse, stats = op(q, k, v)
     assert out[0, 0, 1].isnan().all() and lse[0, 1, 0].isnan()
     assert not out[0, 0, 0].isnan().any() and torch.isfinite(lse[0, 0, 0])
     assert out[0, 0, 2:, 33].isnan().all() and not out[0, 0, 2:, :33].isnan().any()
@@ -248,17 +260,18 @@ def varlen_case(dtype, lens_q, lens_k, Hq, Hkv, D):
 def test_varlen(dtype, causal):
     """Forward and backward on packed sequences of every kind."""
     q, k, v, cu_q, cu_k = varlen_case(dtype, VARLEN_Q, VARLEN_K, 6, 2, 64)
-    out, lse = op(q, k, v, None, cu_q, cu_k, causal=causal)
+    out, lse, stats = op(q, k, v, None, cu_q, cu_k, causal=causal)
     kw = dict(causal=causal, return_lse=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     ref = flash_attention(q.double(), k.double(), v.double(), **kw)
     ref_lp = flash_attention(q, k, v, upcast=False, **kw)
     ref32 = flash_attention(q.float(), k.float(), v.float(), **kw)
     assert out.shape == q.shape and lse.shape == (6, q.shape[0])
     check(out, lse, ref, ref_lp, ref32[1], f"varlen causal={causal}")
+    check_stats(lse, stats, k.shape[0], f"varlen causal={causal}")
     assert (out[5:8] == 0).all()  # the sequence with 3 queries and no keys
 
     g, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    grads = bwd_op(g, q, k, v, out, lse, None, cu_q, cu_k, causal=causal, grad_lse=grad_lse)
+    grads = bwd_op(g, q, k, v, out, stats, None, cu_q, cu_k, causal=causal, grad_lse=grad_lse)
 
     def fn_ref(q, k, v, lowp):
         return flash_attention(q, k, v, upcast=not lowp, **kw)
@@ -270,11 +283,11 @@ def test_varlen(dtype, causal):
 def test_empty_inputs():
     for B, Sq, Sk in [(0, 5, 5), (2, 0, 5), (2, 5, 0), (0, 0, 0)]:
         q, k, v = torch.randn(B, Sq, 4, 32), torch.randn(B, Sk, 2, 32), torch.randn(B, Sk, 2, 32)
-        out, lse = op(q, k, v, causal=True)
+        out, lse, stats = op(q, k, v, causal=True)
         assert out.shape == q.shape and lse.shape == (B, 4, Sq)
         assert (out == 0).all() and torch.isneginf(lse).all()
     cu = torch.zeros(1, dtype=torch.int32)  # zero sequences
-    out, lse = op(torch.randn(0, 4, 32), torch.randn(0, 2, 32), torch.randn(0, 2, 32), None, cu, cu)
+    out, lse, stats = op(torch.randn(0, 4, 32), torch.randn(0, 2, 32), torch.randn(0, 2, 32), None, cu, cu)
     assert out.shape == (0, 4, 32) and lse.shape == (4, 0)
 
 
@@ -282,7 +295,7 @@ def test_nan_propagates():
     q, k, v = torch.randn(1, 20, 2, 32), torch.randn(1, 30, 2, 32), torch.randn(1, 30, 2, 32)
     q[0, 3, 1, 5] = float("nan")
     v[0, 11, 0, 2] = float("nan")
-    out, lse = op(q, k, v)
+    out, lse, stats = op(q, k, v)
     assert out[0, 3, 1].isnan().all()
     assert out[0, :, 0, 2].isnan().all() and not out[0, :, 0, 3].isnan().any()
     assert not out[0, 4, 1].isnan().any()
@@ -335,12 +348,12 @@ def test_bad_inputs():
 # ----------------------------------------------------------------------------- backward
 
 
-def bwd_op(g, q, k, v, out, lse, bias=None, cu_q=None, cu_k=None, used=None, causal=False, top_left=False,
+def bwd_op(g, q, k, v, out, stats, bias=None, cu_q=None, cu_k=None, used=None, causal=False, top_left=False,
            scale=None, grad_lse=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     with poisoned_empty():
         return torch.ops.lmkern.attention_bwd(
-            g, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, used, 0, 0, causal, top_left, scale
+            g, grad_lse, q, k, v, out, stats, bias, cu_q, cu_k, used, 0, 0, causal, top_left, scale
         )
 
 
@@ -372,10 +385,10 @@ def check_grads(grads, inputs, fn_ref, g, grad_lse, what):
 def run_dense_bwd(q, k, v, what, bias=None, used=None, causal=False, top_left=False, scale=None, with_dlse=False):
     """attention_fwd, then attention_bwd on a random (non-contiguous) grad_out and, with_dlse, a
     random grad_lse; gradients checked against the dense reference."""
-    out, lse = op(q, k, v, bias, None, None, used, causal, top_left, scale)
+    out, lse, stats = op(q, k, v, bias, None, None, used, causal, top_left, scale)
     g = torch.randn(out.shape[0], out.shape[2], out.shape[1], out.shape[3]).transpose(1, 2).to(q.dtype)
     grad_lse = torch.randn_like(lse) if with_dlse else None
-    grads = bwd_op(g, q, k, v, out, lse, bias, None, None, used, causal, top_left, scale, grad_lse)
+    grads = bwd_op(g, q, k, v, out, stats, bias, None, None, used, causal, top_left, scale, grad_lse)
     kw = dict(bias=bias, used=used, causal=causal, top_left=top_left, scale=scale)
     check_grads(grads, (q, k, v), lambda q, k, v, lowp: dense_reference(q, k, v, lowp=lowp, **kw), g, grad_lse, what)
     return grads
@@ -450,14 +463,14 @@ def test_backward_nan_propagates():
     NaN, not -inf); other rows and heads keep finite gradients, equal to the reference's."""
     q, k, v = torch.randn(1, 20, 2, 32), torch.randn(1, 30, 2, 32), torch.randn(1, 30, 2, 32)
     q[0, 3, 1, 5] = float("nan")
-    out, lse = op(q, k, v, causal=True)  # bottom-right: query 3 sees keys 0..13
+    out, lse, stats = op(q, k, v, causal=True)  # bottom-right: query 3 sees keys 0..13
     g = torch.randn_like(out)
     x64 = [t.double().requires_grad_() for t in (q, k, v)]
     o64, _ = dense_reference(*x64, causal=True)
     exp = torch.autograd.grad(o64, x64, g.double())
     scale = 1 / math.sqrt(32)
-    blockwise = torch.ops.lmkern.attention_bwd_blockwise(g, None, q, k, v, out, lse, None, None, None, None, True, False, scale)
-    for dq, dk, dv in (bwd_op(g, q, k, v, out, lse, causal=True), blockwise):
+    blockwise = torch.ops.lmkern.attention_bwd_blockwise(g, None, q, k, v, out, None, None, None, None, True, False, scale)
+    for dq, dk, dv in (bwd_op(g, q, k, v, out, stats, causal=True), blockwise):
         assert dq[0, 3, 1].isnan().all() and not dq[0, :, 0].isnan().any() and not dq[0, 4:, 1].isnan().any()
         assert dk[0, :14, 1].isnan().all() and dv[0, :14, 1].isnan().all()
         for got, e in ((dq[0, :, 0], exp[0][0, :, 0]), (dk[0, :, 0], exp[1][0, :, 0]), (dv[0, :, 0], exp[2][0, :, 0])):
@@ -467,31 +480,32 @@ def test_backward_nan_propagates():
 def test_backward_empty_inputs():
     for B, Sq, Sk, D in [(0, 5, 5, 32), (2, 0, 5, 32), (2, 5, 0, 32), (2, 5, 5, 0)]:
         q, k, v = torch.randn(B, Sq, 4, D), torch.randn(B, Sk, 2, D), torch.randn(B, Sk, 2, D)
-        out, lse = op(q, k, v, causal=True, scale=0.5)
-        for t, x in zip(bwd_op(torch.randn_like(out), q, k, v, out, lse, causal=True, scale=0.5), (q, k, v)):
+        out, lse, stats = op(q, k, v, causal=True, scale=0.5)
+        for t, x in zip(bwd_op(torch.randn_like(out), q, k, v, out, stats, causal=True, scale=0.5), (q, k, v)):
             assert t.shape == x.shape and (t == 0).all()
     cu = torch.zeros(1, dtype=torch.int32)  # zero sequences
     q, k = torch.randn(0, 4, 32), torch.randn(0, 2, 32)
-    out, lse = op(q, k, k, None, cu, cu)
-    dq, dk, dv = bwd_op(out, q, k, k, out, lse, None, cu, cu)
+    out, lse, stats = op(q, k, k, None, cu, cu)
+    dq, dk, dv = bwd_op(out, q, k, k, out, stats, None, cu, cu)
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
 
 
 def test_backward_bad_inputs():
     q, k, v = torch.randn(2, 8, 4, 16), torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16)
-    out, lse = op(q, k, v)
+    out, lse, stats = op(q, k, v)
     cases = [
-        ("attention_bwd: k must have q's dtype", lambda: bwd_op(out, q, k.half(), v, out, lse)),
-        ("out must have q's shape", lambda: bwd_op(out, q, k, v, out[:, :7], lse)),
-        ("out must have q's dtype", lambda: bwd_op(out, q, k, v, out.half(), lse)),
-        ("grad_out must have q's shape", lambda: bwd_op(out[0], q, k, v, out, lse)),
-        ("grad_out must have q's dtype", lambda: bwd_op(out.double(), q, k, v, out, lse)),
-        ("grad_out must have stride 1", lambda: bwd_op(out.transpose(-1, -2).contiguous().transpose(-1, -2), q, k, v, out, lse)),
-        ("lse must be float32", lambda: bwd_op(out, q, k, v, out, lse.double())),
-        ("lse must have shape", lambda: bwd_op(out, q, k, v, out, lse[:, :, :7])),
-        ("grad_lse must have shape", lambda: bwd_op(out, q, k, v, out, lse, grad_lse=lse[0])),
-        ("grad_lse must be float32", lambda: bwd_op(out, q, k, v, out, lse, grad_lse=lse.half())),
-        ("seqused_k values", lambda: bwd_op(out, q, k, v, out, lse, used=torch.tensor([1, 10], dtype=torch.int32))),
+        ("attention_bwd: k must have q's dtype", lambda: bwd_op(out, q, k.half(), v, out, stats)),
+        ("out must have q's shape", lambda: bwd_op(out, q, k, v, out[:, :7], stats)),
+        ("out must have q's dtype", lambda: bwd_op(out, q, k, v, out.half(), stats)),
+        ("grad_out must have q's shape", lambda: bwd_op(out[0], q, k, v, out, stats)),
+        ("grad_out must have q's dtype", lambda: bwd_op(out.double(), q, k, v, out, stats)),
+        ("grad_out must have stride 1", lambda: bwd_op(out.transpose(-1, -2).contiguous().transpose(-1, -2), q, k, v, out, stats)),
+        ("stats must be float32", lambda: bwd_op(out, q, k, v, out, stats.double())),
+        ("stats must have shape", lambda: bwd_op(out, q, k, v, out, stats[:, :, :, :7])),
+        ("stats must have shape", lambda: bwd_op(out, q, k, v, out, lse)),
+        ("grad_lse must have shape", lambda: bwd_op(out, q, k, v, out, stats, grad_lse=lse[0])),
+        ("grad_lse must be float32", lambda: bwd_op(out, q, k, v, out, stats, grad_lse=lse.half())),
+        ("seqused_k values", lambda: bwd_op(out, q, k, v, out, stats, used=torch.tensor([1, 10], dtype=torch.int32))),
     ]
     for match, call in cases:
         with pytest.raises(RuntimeError, match=match):
@@ -508,8 +522,8 @@ def test_opcheck_backward():
         (q, k, v, bias, None, None, used, False),
         (qp, kp, vp, None, cu_q, cu_k, None, True),
     ]:
-        out, lse = torch.ops.lmkern.attention_fwd(q_, k_, v_, b, cq, ck, u, 9, 11, causal, False, 0.2)
-        args = (torch.randn_like(out), torch.randn_like(lse), q_, k_, v_, out, lse, b, cq, ck, u, 9, 11, causal, False, 0.2)
+        out, lse, stats = torch.ops.lmkern.attention_fwd(q_, k_, v_, b, cq, ck, u, 9, 11, causal, False, 0.2)
+        args = (torch.randn_like(out), torch.randn_like(lse), q_, k_, v_, out, stats, b, cq, ck, u, 9, 11, causal, False, 0.2)
         torch.library.opcheck(torch.ops.lmkern.attention_bwd, args)
 
 
@@ -521,9 +535,9 @@ cases, grad_outs = torch.load(sys.argv[1])
 results = []
 for c, g in zip(cases, grad_outs):
     q, k, v, bias, cu_q, cu_k, used, max_q, max_k, causal, top_left, scale = c
-    out, lse = torch.ops.lmkern.attention_fwd(*c)
-    grads = torch.ops.lmkern.attention_bwd(g, None, q, k, v, out, lse, *c[3:])
-    results.append(((out, lse), grads))
+    out, lse, stats = torch.ops.lmkern.attention_fwd(*c)
+    grads = torch.ops.lmkern.attention_bwd(g, None, q, k, v, out, stats, *c[3:])
+    results.append(((out, lse, stats), grads))
 torch.save(results, sys.argv[2])
 """
 
@@ -547,7 +561,8 @@ def test_portable_isa(tmp_path):
     subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                    env=env, check=True)
     results = torch.load(tmp_path / "out.pt")
-    for case, g, ((out, lse), grads), (ref, ref_lp, ref32, kw) in zip(cases, grad_outs, results, refs):
+    for case, g, ((out, lse, stats), grads), (ref, ref_lp, ref32, kw) in zip(cases, grad_outs, results, refs):
         check(out, lse, ref, ref_lp, ref32, f"portable {out.dtype}")
+        check_stats(lse, stats, case[1].shape[1], f"portable {out.dtype}")
         fn_ref = lambda q, k, v, lowp: dense_reference(q, k, v, lowp=lowp, **kw)  # noqa: E731
         check_grads(grads, case[:3], fn_ref, g, None, f"portable bwd {out.dtype}")

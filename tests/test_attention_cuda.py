@@ -221,8 +221,17 @@ def fwd64(q, k, v, bias, cu_q, cu_k, seqused, causal, top_left, scale):
 
 def run_fwd(q, k, v, bias=None, cu_q=None, cu_k=None, seqused=None, max_q=0, max_k=0,
             causal=False, top_left=False, scale=0.125):
-    return torch.ops.lmkern.attention_fwd(q, k, v, bias, cu_q, cu_k, seqused, max_q, max_k,
-                                          causal, top_left, scale)
+    """(out, lse), after checking the backward's stats against the lse: log2-domain (row max,
+    log-sum) with (m + ls) ln 2 = lse, (-inf, 0) on rows without keys."""
+    out, lse, stats = torch.ops.lmkern.attention_fwd(q, k, v, bias, cu_q, cu_k, seqused, max_q, max_k,
+                                                     causal, top_left, scale)
+    assert stats.shape == (2,) + lse.shape and stats.dtype == torch.float32
+    m, ls = stats
+    dead = torch.isneginf(lse)
+    assert torch.equal(torch.isneginf(m), dead) and (ls[dead] == 0).all() and not (ls < 0).any()
+    torch.testing.assert_close((m[~dead] + ls[~dead]) * math.log(2), lse[~dead], rtol=1e-6, atol=1e-6,
+                               equal_nan=True)
+    return out, lse
 
 
 CAUSAL = [(False, False), (True, False), (True, True)]  # (causal, causal_top_left)

@@ -53,7 +53,7 @@ def algo(tmp_path_factory):
     return exe
 
 
-def run(exe, tmp_path, header, scale, arrays, n_out, n_lse):
+def run(exe, tmp_path, header, scale, arrays, n_out, n_lse, n_stats=0):
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(src, "wb") as f:
         np.array(header, dtype=np.int64).tofile(f)
@@ -62,8 +62,9 @@ def run(exe, tmp_path, header, scale, arrays, n_out, n_lse):
             a.tofile(f)
     subprocess.run([exe, str(src), str(dst)], check=True, timeout=600)
     raw = np.fromfile(dst, dtype=np.float32)
-    assert raw.size == n_out + n_lse
-    return torch.from_numpy(raw[:n_out].copy()), torch.from_numpy(raw[n_out:].copy())
+    assert raw.size == n_out + n_lse + n_stats
+    parts = torch.from_numpy(raw.copy()).split([n_out, n_lse, n_stats])
+    return parts if n_stats else parts[:2]
 
 
 def f32(t):
@@ -163,7 +164,9 @@ def test_decode_sweep(algo, tmp_path, dtype, D, heads, Sq):
 
 
 def forward_case(exe, tmp_path, dtype, D, Hq, Hkv, seqs_q, seqs_k, packed, causal, top_left,
-                 used=None, bias_mode=None, max_q=None):
+                 used=None, bias_mode=None, max_q=None, nan_query=None):
+    """nan_query: (batch, row, head) of a dense query that holds a NaN: its output row and lse
+    are NaN, as the reference's (a NaN in q must not read as "no key": zeros)."""
     B = len(seqs_q)
     scale = 1 / math.sqrt(D)
     scale32 = float(np.float32(scale))
@@ -177,6 +180,8 @@ def forward_case(exe, tmp_path, dtype, D, Hq, Hkv, seqs_q, seqs_k, packed, causa
         Sq, Sk = seqs_q[0], seqs_k[0]
         q = torch.randn(B, Sq, Hq, D).to(dtype)
         k, v = (torch.randn(B, Sk, Hkv, D).to(dtype) for _ in range(2))
+        if nan_query is not None:
+            q[nan_query][3] = float("nan")
     bias_base, strides, bias = np.zeros(0, dtype=np.float32), [0, 0, 0, 0], None
     if bias_mode == "full":
         base = torch.randn(B * Hq * Sq * Sk)
@@ -203,9 +208,14 @@ def forward_case(exe, tmp_path, dtype, D, Hq, Hkv, seqs_q, seqs_k, packed, causa
         arrays.append(np.array(used, dtype=np.int32))
     arrays.append(bias_base)
     n_lse = Hq * Sq * (1 if packed else B)
-    out, lse = run(exe, tmp_path, header, scale, arrays, q.numel(), n_lse)
+    out, lse, stats = run(exe, tmp_path, header, scale, arrays, q.numel(), n_lse, 2 * n_lse)
     out = out.view(q.shape)
     lse = lse.view(Hq, Sq) if packed else lse.view(B, Hq, Sq)
+    # the backward's stats: log2-domain (row max, log-sum), (m + ls) ln 2 = lse, (-inf, 0) where -inf
+    m, ls = stats.view((2,) + lse.shape)
+    dead = torch.isneginf(lse)
+    assert torch.equal(torch.isneginf(m), dead) and (ls[dead] == 0).all() and not (ls < 0).any()
+    torch.testing.assert_close((m[~dead] + ls[~dead]) * math.log(2), lse[~dead], rtol=1e-6, atol=1e-6, equal_nan=True)
     out64 = torch.zeros(q.shape, dtype=torch.float64)
     lse64 = torch.full(lse.shape, -INF, dtype=torch.float64)
     for b in range(B):
@@ -232,6 +242,11 @@ def forward_case(exe, tmp_path, dtype, D, Hq, Hkv, seqs_q, seqs_k, packed, causa
         # about -2.3e38 (the floor) instead of -3.4e38; both mean "far below any real score"
         assert (lse[:, :, :3] < -2.2e38).all() and (lse[:, :, :3] > -2.4e38).all()
         lse64[:, :, :3] = lse[:, :, :3].double()
+    if nan_query is not None:
+        assert torch.equal(out.isnan(), out64.isnan()) and torch.equal(lse.isnan(), lse64.isnan())
+        assert out[nan_query].isnan().all() and lse.isnan().sum() == 1
+        out, out64 = out.nan_to_num(), out64.nan_to_num()
+        lse, lse64 = lse.nan_to_num(nan=0.0, neginf=-INF), lse64.nan_to_num(nan=0.0, neginf=-INF)
     check(out, lse, out64, lse64, dtype,
           f"forward {dtype} D={D} heads={Hq}/{Hkv} q={seqs_q} k={seqs_k} packed={packed} "
           f"causal={causal}/{top_left} used={used} bias={bias_mode}", p_rounded=True)
@@ -251,6 +266,10 @@ FORWARD_CASES = [  # dtype, D, shape index
 def test_forward_dense(algo, tmp_path, dtype, D, shape):
     (Sq, Sk), (causal, top_left) = FORWARD_SHAPES[shape]
     forward_case(algo, tmp_path, dtype, D, 2, 1, [Sq, Sq], [Sk, Sk], False, causal, top_left)
+
+
+def test_forward_nan_query(algo, tmp_path):
+    forward_case(algo, tmp_path, torch.float16, 64, 2, 1, [20, 20], [30, 30], False, True, False, nan_query=(1, 15, 0))
 
 
 @pytest.mark.slow

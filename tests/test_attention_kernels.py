@@ -192,6 +192,20 @@ def test_sdpa_three_dims_extra_batch_dims_and_empty(kb):
         check(out, ref.sdpa(q.double(), k.double(), v.double()), ref.sdpa(q, k, v, upcast=False), f"{backend} {shape_q}")
 
 
+@pytest.mark.parametrize("lead", [(), (2,), (2, 2)], ids=["3d", "4d", "5d"])
+@pytest.mark.parametrize("L, S", [(0, 7), (5, 0), (0, 0)])
+def test_sdpa_empty_sequences(kb, lead, L, S):
+    # no queries or no keys, with and without a mask, any number of batch dims: torch's shapes and
+    # values (rows without keys are 0) and empty or zero gradients
+    device, backend = kb
+    q, k, v = rand(*lead, 3, L, 16, device=device, grad=True), rand(*lead, 3, S, 16, device=device, grad=True), rand(*lead, 3, S, 16, device=device, grad=True)
+    for mask in (None, torch.zeros(L, S, device=device), torch.ones(*lead, 1, L, S, dtype=torch.bool, device=device)):
+        out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+        assert torch.equal(out, torch.zeros_like(q)), f"{backend} {lead} {L} {S}"
+        for g, x in zip(torch.autograd.grad(out.sum(), (q, k, v)), (q, k, v)):
+            assert g.shape == x.shape and (g == 0).all()
+
+
 def test_sdpa_noncontiguous(kb):
     device, backend = kb
     q = rand(2, 9, 3, 64, device=device).transpose(1, 2)  # (B, H, S, D) with strided heads
@@ -219,6 +233,20 @@ def test_empty_keys_with_a_strided_head_dim(kb):
     assert torch.equal(out, torch.zeros(4, 3, 32, dtype=q.dtype, device=device))
 
 
+def test_empty_strided_inputs_stay_in_the_autograd_graph(kb):
+    # no queries (or no keys) given as views with last-dim stride 2: their unit-stride copies must
+    # keep the autograd link, so that the gradients (empty, or zeros) reach them
+    device, backend = kb
+    for nq, nk in ((0, 5), (6, 0)):
+        q = rand(nq, 2, 64, device=device)[..., ::2].requires_grad_()
+        k, v = (rand(nk, 1, 64, device=device)[..., ::2].requires_grad_() for _ in range(2))
+        cu_q = torch.tensor([0, nq], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0, nk], dtype=torch.int32, device=device)
+        out = lmkern.flash_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend)
+        for g, x in zip(torch.autograd.grad(out.sum(), (q, k, v)), (q, k, v)):
+            assert g.shape == x.shape and (g == 0).all()
+
+
 def test_float32_min_mask_rows_attend_uniformly(kb):
     # Hugging Face masks with float32's min, not -inf: a row of only that value attends its keys
     # uniformly in torch; the kernels' log2-domain scores must not overflow it into "no key"
@@ -239,24 +267,79 @@ def test_float32_min_mask_rows_attend_uniformly(kb):
         torch.testing.assert_close(got.double(), exp, rtol=1e-3, atol=1e-3)
 
 
-def test_float32_min_mask_rows_gradient(kb, request):
+def test_float32_min_mask_rows_gradient(kb):
     # A gradient arriving at a row whose every score is near float32's min. The forward there is
     # uniform (the scores' q.k part is lost to rounding), so dv = g / (keys) for each key, which
-    # the float64 reference's autograd gives. The kernels' backward recomputes probabilities as
-    # exp(s - lse), and at that magnitude lse has lost log(row sum): they sum to the row length,
-    # not 1 (torch's own sdpa backward does the same: its dv is `keys` times too large). Known, open.
+    # the float64 reference's autograd gives. At that magnitude lse = max + log(row sum) rounds
+    # to max: a backward recomputing P = exp(s - lse) gets probabilities summing to the row length
+    # (torch's own sdpa backward does: its dv is `keys` times too large). The kernels keep max and
+    # log-sum apart for their backward.
     device, backend = kb
-    request.applymarker(pytest.mark.xfail(strict=True, reason="lse-based backward at float32-min rows"))
     q, k, v = (rand(1, 1, n, 16, device=device, grad=True) for n in (3, 5, 5))
     mask = torch.full((3, 5), torch.finfo(torch.float32).min, device=device)
     out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     want = ref.sdpa(q64, k64, v64, attn_mask=mask.double())
     g = torch.randn_like(want)
-    (dv,) = torch.autograd.grad(out, v, g.float())
-    (dv64,) = torch.autograd.grad(want, v64, g)
+    (dv64,) = torch.autograd.grad(want, v64, g, retain_graph=True)
     torch.testing.assert_close(dv64, g.sum(-2, keepdim=True).expand(1, 1, 5, 16) / 5)  # the reference is right
-    torch.testing.assert_close(dv.double(), dv64, rtol=1e-4, atol=1e-4)
+    for got, exp in zip(torch.autograd.grad(out, (q, k, v), g.float()), torch.autograd.grad(want, (q64, k64, v64), g)):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-4)
+
+
+def test_float32_min_mask_rows_with_large_scores_and_no_gradient_there(kb):
+    # Hugging Face's case: padded query rows (all float32's min) receive no gradient, and the other
+    # rows' scores are large (> 88, where exp overflows float32). A backward that recomputes those
+    # rows' P as exp(s - lse) gets exp(q.k * scale) there (lse has lost it): inf, and inf * 0 = NaN
+    # in dq and in every key's dk and dv.
+    device, backend = kb
+    q, k, v = (rand(1, 2, n, 16, device=device) for n in (4, 6, 6))
+    q = (q + 6.0).requires_grad_()  # scores ~ 16 * 36 / 4 = 144, well past 88
+    k = (k + 6.0).requires_grad_()
+    v.requires_grad_()
+    mask = torch.zeros(4, 6, device=device)
+    mask[0] = torch.finfo(torch.float32).min
+    out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = ref.sdpa(q64, k64, v64, attn_mask=mask.double())
+    g = torch.randn_like(want)
+    g[..., 0, :] = 0
+    for got, exp in zip(torch.autograd.grad(out, (q, k, v), g.float()), torch.autograd.grad(want, (q64, k64, v64), g)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), exp, rtol=1e-3, atol=1e-3 * exp.abs().max().item())
+
+
+def test_large_negative_mask_rows_gradient(kb):
+    # Rows whose visible scores all sit near -1e9 (a common masking value): in float32 the q.k
+    # part and log(row sum) are both lost to the ulp there (64), so these rows attend uniformly,
+    # and lse alone cannot give back their probabilities. Against the float32 reference's
+    # autograd (float64 would keep the q.k part).
+    device, backend = kb
+    q, k, v = (rand(2, 3, n, 32, device=device, grad=True) for n in (6, 9, 9))
+    mask = torch.randn(2, 3, 6, 9, device=device)
+    mask[:, :, :3] = -1e9 + torch.randn(2, 3, 3, 9, device=device)  # whole rows near -1e9
+    mask[:, 1, 4, ::3] = float("-inf")
+    out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    q32, k32, v32 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    want = ref.sdpa(q32, k32, v32, attn_mask=mask)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(want)
+    for got, exp in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q32, k32, v32), g)):
+        torch.testing.assert_close(got, exp, rtol=2e-4, atol=2e-4)
+
+
+def test_blockwise_backward_at_float32_min_rows():
+    # The blockwise backward (cuda's, and the path of a gradient through the lse) at rows of
+    # float32-min scores, called directly: dv = g / keys for each key, as the float64 reference.
+    q, k, v = (rand(1, n, 2, 16, grad=True) for n in (3, 5, 5))
+    bias = torch.full((1, 2, 3, 5), torch.finfo(torch.float32).min)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = ref.sdpa(*(t.transpose(1, 2) for t in (q64, k64, v64)), attn_mask=bias.double(), scale=0.25).transpose(1, 2)
+    g = torch.randn_like(want)
+    got = torch.ops.lmkern.attention_bwd_blockwise(g.float(), None, q, k, v, want.float(), bias, None, None, None,
+                                                   False, False, 0.25)
+    for a, b in zip(got, torch.autograd.grad(want, (q64, k64, v64), g)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
 def test_double_backward_raises_instead_of_a_wrong_answer(kb):
@@ -460,9 +543,10 @@ def test_opcheck_blockwise_backward():
     q, k, v = (rand(2, 9, 4, 32) for _ in range(3))
     out, lse = ref.flash_attention(q, k, v, causal=True, return_lse=True)
     g = torch.randn_like(out)
-    torch.library.opcheck(
-        torch.ops.lmkern.attention_bwd_blockwise, (g, None, q, k, v, out, lse, None, None, None, None, True, False, 0.2)
-    )
+    for grad_lse in (None, torch.randn_like(lse)):
+        torch.library.opcheck(
+            torch.ops.lmkern.attention_bwd_blockwise, (g, grad_lse, q, k, v, out, None, None, None, None, True, False, 0.2)
+        )
 
 
 def test_blockwise_backward_in_small_blocks(monkeypatch):
@@ -489,7 +573,7 @@ def test_blockwise_backward_in_small_blocks(monkeypatch):
         g = torch.randn_like(o64)
         e = torch.autograd.grad((o64 * g).sum(), x64)
         dq, dk, dv = torch.ops.lmkern.attention_bwd_blockwise(
-            g.float(), None, q, k, v, o64.float(), l64.float(), b, None, None, used, causal, top_left, 0.25
+            g.float(), None, q, k, v, o64.float(), b, None, None, used, causal, top_left, 0.25
         )
         for a, x in zip((dq, dk, dv), e):
             torch.testing.assert_close(a.double(), x, atol=1e-5, rtol=1e-5)

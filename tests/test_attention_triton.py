@@ -66,22 +66,37 @@ def run_fwd(q, k, v, bias=None, cu_q=None, cu_k=None, seqused=None, max_q=0, max
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEVICE)  # unwritten elements show up
     if cu_q is None:
-        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=DEVICE)
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
         max_q, max_k = q.shape[1], k.shape[1]
     else:
-        lse = torch.full((q.shape[1], q.shape[0]), float("nan"), device=DEVICE)
+        lse_shape = (q.shape[1], q.shape[0])
+    lse = torch.full(lse_shape, float("nan"), device=DEVICE)
+    stats = torch.full((2,) + lse_shape, float("nan"), device=DEVICE)
     kernels.attention_fwd(q, k, v, bias, cu_q, cu_k, seqused, max_q, max_k, causal, top_left, scale, out, lse,
-                          tile=tile)
-    return out, lse
+                          stats, tile=tile)
+    check_stats(lse, stats)
+    return out, lse, stats
 
 
-def run_bwd(do, q, k, v, out, lse, bias=None, cu_q=None, cu_k=None, seqused=None, max_q=0, max_k=0,
+def check_stats(lse, stats):
+    """The forward's stats for the backward: log2-domain (row max, log-sum) with (m + ls) ln 2 =
+    lse, ls in [0, log2(keys)]; (-inf, 0) where lse is -inf; NaN max where lse is NaN."""
+    m, ls = stats
+    dead = torch.isneginf(lse)
+    assert torch.equal(torch.isneginf(m), dead) and (ls[dead] == 0).all(), "stats of rows without keys"
+    assert torch.equal(m.isnan(), lse.isnan()), "NaN rows"
+    ok = ~dead & ~lse.isnan()
+    assert (ls[ok] >= 0).all(), "log-sum range"
+    torch.testing.assert_close((m[ok] + ls[ok]) * math.log(2), lse[ok], rtol=1e-6, atol=1e-6)
+
+
+def run_bwd(do, q, k, v, out, stats, bias=None, cu_q=None, cu_k=None, seqused=None, max_q=0, max_k=0,
             causal=False, top_left=False, scale=None, tiles=(None, None)):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if cu_q is None:
         max_q, max_k = q.shape[1], k.shape[1]
     grads = [torch.full(x.shape, float("nan"), dtype=x.dtype, device=DEVICE) for x in (q, k, v)]
-    kernels.attention_bwd(do, q, k, v, out, lse, bias, cu_q, cu_k, seqused, max_q, max_k, causal, top_left,
+    kernels.attention_bwd(do, q, k, v, out, stats, bias, cu_q, cu_k, seqused, max_q, max_k, causal, top_left,
                           scale, *grads, dkdv_tile=tiles[0], dq_tile=tiles[1])
     return grads
 
@@ -101,7 +116,7 @@ def check_dense(q, k, v, causal, top_left, bias=None, seqused=None, backward=Tru
     B, Sq, Hq, D = q.shape
     Sk = k.shape[1]
     scale = 1 / math.sqrt(D) if scale is None else scale
-    out, lse = run_fwd(q, k, v, bias, seqused=seqused, causal=causal, top_left=top_left, scale=scale, tile=fwd_tile)
+    out, lse, stats = run_fwd(q, k, v, bias, seqused=seqused, causal=causal, top_left=top_left, scale=scale, tile=fwd_tile)
     allowed = _allowed_dense(B, Sq, Sk, causal, top_left, seqused)
     if seqused is not None:
         # The reference must not touch what the kernel never reads (NaN planted there).
@@ -116,7 +131,7 @@ def check_dense(q, k, v, causal, top_left, bias=None, seqused=None, backward=Tru
     grads = None
     if backward:
         do = _randn(*out.shape, dtype=q.dtype)
-        grads = run_bwd(do, q, k, v, out, lse, bias, seqused=seqused, causal=causal, top_left=top_left, scale=scale,
+        grads = run_bwd(do, q, k, v, out, stats, bias, seqused=seqused, causal=causal, top_left=top_left, scale=scale,
                         tiles=bwd_tiles)
         ref_grads = torch.autograd.grad(ref_out, inputs64, do.double())
         lowp_grads = torch.autograd.grad(lowp_out, lowp_inputs, do)
@@ -177,9 +192,9 @@ def test_empty_queries_or_keys(Sq, Sk):
     q = _randn(2, Sq, 2, 32, dtype=torch.float32)
     k = _randn(2, Sk, 1, 32, dtype=torch.float32)
     v = _randn(2, Sk, 1, 32, dtype=torch.float32)
-    out, lse = run_fwd(q, k, v, causal=True)
+    out, lse, stats = run_fwd(q, k, v, causal=True)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
-    grads = run_bwd(torch.randn_like(q), q, k, v, out, lse, causal=True)
+    grads = run_bwd(torch.randn_like(q), q, k, v, out, stats, causal=True)
     for g in grads:
         assert torch.equal(g, torch.zeros_like(g))
 
@@ -245,7 +260,7 @@ def test_tma_tiles_on_packed_sequences_and_padded_head_dims(D):
     k = _randn(sum(lens_k), 2, D, dtype=torch.float16)
     v = _randn(sum(lens_k), 2, D, dtype=torch.float16)
     for tile in tiles:
-        out, lse = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max(lens_q), max_k=max(lens_k), causal=True,
+        out, lse, stats = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max(lens_q), max_k=max(lens_k), causal=True,
                            tile=tile)
         for b in range(3):
             sq, sk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
@@ -318,7 +333,7 @@ def test_non_contiguous_inputs():
     qkv = _randn(B, S, 3, H, D + 8, dtype=torch.float32)[..., :D]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     assert not q.is_contiguous()
-    out, lse = run_fwd(q, k, v, causal=True)
+    out, lse, stats = run_fwd(q, k, v, causal=True)
     allowed = _allowed_dense(B, S, S, True, False)
     inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = reference_dense(*inputs64, None, allowed, D**-0.5, torch.float64)
@@ -326,7 +341,7 @@ def test_non_contiguous_inputs():
     assert_close_2x(out, ref_out, lowp_out, "out")
     check_lse(lse, ref_lse, "lse")
     do = _randn(B, H, S, D, dtype=torch.float32).transpose(1, 2)
-    grads = run_bwd(do, q, k, v, out, lse, causal=True)
+    grads = run_bwd(do, q, k, v, out, stats, causal=True)
     for name, g, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref_out, inputs64, do.double())):
         torch.testing.assert_close(g.double(), r, atol=2e-6, rtol=1e-5, msg=name)
 
@@ -348,7 +363,7 @@ def test_varlen(causal, dtype):
     k = _randn(sum(lens_k), Hkv, D, dtype=dtype)
     v = _randn(sum(lens_k), Hkv, D, dtype=dtype)
     max_q, max_k = max(lens_q), max(lens_k)
-    out, lse = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal)
+    out, lse, stats = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal)
 
     def ref(inputs, upcast=True):
         return reference.flash_attention(*inputs, causal=causal, return_lse=True, cu_seqlens_q=cu_q,
@@ -364,7 +379,7 @@ def test_varlen(causal, dtype):
     assert torch.equal(out[s2], torch.zeros_like(out[s2])) and torch.isneginf(lse[:, s2]).all()
 
     do = _randn(*q.shape, dtype=dtype)
-    grads = run_bwd(do, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal)
+    grads = run_bwd(do, q, k, v, out, stats, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=causal)
     check_grads(grads, torch.autograd.grad(ref_out, inputs64, do.double()),
                 torch.autograd.grad(lowp_out, lowp_inputs, do), do, ref_out, inputs64, 1 / math.sqrt(D))
 
@@ -378,8 +393,8 @@ def test_varlen_max_seqlen_hint_shorter_than_the_sequences():
     do = _randn(*q.shape, dtype=torch.float32)
     results = []
     for max_q, max_k in ((max(lens_q), max(lens_k)), (1, 1)):
-        out, lse = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
-        grads = run_bwd(do, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
+        out, lse, stats = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
+        grads = run_bwd(do, q, k, v, out, stats, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
         results.append((out, lse, *grads))
     _check_against_reference(*results[1][:2], results[1][2:], q, k, v, cu_q, cu_k, do)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
@@ -395,10 +410,10 @@ def test_varlen_top_left_causal():
     q = _randn(sum(lens_q), H, D, dtype=torch.float32)
     k = _randn(sum(lens_k), H, D, dtype=torch.float32)
     v = _randn(sum(lens_k), H, D, dtype=torch.float32)
-    out, lse = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max(lens_q), max_k=max(lens_k), causal=True,
+    out, lse, stats = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max(lens_q), max_k=max(lens_k), causal=True,
                        top_left=True)
     do = _randn(*q.shape, dtype=torch.float32)
-    dq, dk, dv = run_bwd(do, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, max_q=max(lens_q), max_k=max(lens_k),
+    dq, dk, dv = run_bwd(do, q, k, v, out, stats, cu_q=cu_q, cu_k=cu_k, max_q=max(lens_q), max_k=max(lens_k),
                          causal=True, top_left=True)
     for b in range(2):
         sq, sk = slice(cu_q[b].item(), cu_q[b + 1].item()), slice(cu_k[b].item(), cu_k[b + 1].item())
@@ -453,9 +468,9 @@ def test_varlen_rows_outside_every_sequence():
     lens_q, lens_k = [5, 0, 13], [9, 4, 21]
     q, k, v, cu_q, cu_k = _packed_with_spare_rows(lens_q, lens_k, spare_q=40, spare_k=35, lead_q=3, lead_k=2)
     max_q, max_k = max(lens_q), max(lens_k)  # tiles cover 16 rows: the 40 spare rows take 3 strides
-    out, lse = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
+    out, lse, stats = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
     do = _randn(*q.shape, dtype=torch.float32)
-    grads = run_bwd(do, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
+    grads = run_bwd(do, q, k, v, out, stats, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, causal=True)
     _check_against_reference(out, lse, grads, q, k, v, cu_q, cu_k, do)
 
 
@@ -500,7 +515,7 @@ def test_nan_propagates_to_out_and_lse():
     q, k, v = (_randn(1, S, 2, 32, dtype=torch.float32) for S in (20, 30, 30))
     q[0, 3, 1, 5] = float("nan")
     v[0, 11, 0, 2] = float("nan")
-    out, lse = run_fwd(q, k, v)
+    out, lse, stats = run_fwd(q, k, v)
     ref_out, ref_lse = reference_dense(q, k, v, None, _allowed_dense(1, 20, 30, False, False), 32**-0.5,
                                        torch.float64)
     assert torch.equal(out.isnan(), ref_out.isnan()) and torch.equal(lse.isnan(), ref_lse.isnan())
@@ -528,7 +543,8 @@ def test_out_of_range_lengths_are_clamped():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     do = _randn(12, 2, 32, dtype=torch.float32)
-    for a, b in zip(run_bwd(do, q, k, v, *want, causal=True, **bad), run_bwd(do, q, k, v, *want, causal=True, **good)):
+    out, _, stats = want
+    for a, b in zip(run_bwd(do, q, k, v, out, stats, causal=True, **bad), run_bwd(do, q, k, v, out, stats, causal=True, **good)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
     qd, kc, vc = _randn(2, 1, 4, 32, dtype=torch.float32), _randn(2, 20, 2, 32, dtype=torch.float32), _randn(2, 20, 2, 32, dtype=torch.float32)

@@ -183,15 +183,15 @@ def test_attention_launchers_launch_the_chosen_tile(tuner, monkeypatch):
     monkeypatch.setattr(at, "measure_ms", measure)
 
     q, k, v = (torch.randn(1, 40, 2, 32, device=device) for _ in range(3))
-    out, lse = torch.empty_like(q), torch.empty(1, 2, 40, device=device)
-    kernels.attention_fwd(q, k, v, None, None, None, None, 40, 40, True, False, 32**-0.5, out, lse)
+    out, lse, stats = torch.empty_like(q), torch.empty(1, 2, 40, device=device), torch.empty(2, 1, 2, 40, device=device)
+    kernels.attention_fwd(q, k, v, None, None, None, None, 40, 40, True, False, 32**-0.5, out, lse, stats)
     assert launched == [("_attn_fwd_kernel", 16, 16), ("_attn_fwd_kernel", 32, 16), ("_attn_fwd_kernel", 32, 16)]
     ref = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True)
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
     launched.clear()
     grads = [torch.empty_like(x) for x in (q, k, v)]
-    kernels.attention_bwd(torch.ones_like(q), q, k, v, out, lse, None, None, None, None, 40, 40, True, False,
+    kernels.attention_bwd(torch.ones_like(q), q, k, v, out, stats, None, None, None, None, 40, 40, True, False,
                           32**-0.5, *grads)
     names = [x[0] for x in launched]
     assert names.count("_attn_bwd_dkdv_kernel") == 3 and names.count("_attn_bwd_dq_kernel") == 3  # 2 timed, 1 real
@@ -217,8 +217,8 @@ def test_tuning_on_the_gpu(monkeypatch):
     autotune.reset()
     monkeypatch.setenv("LMKERN_AUTOTUNE", "1")
     q, k, v = (torch.randn(2, 512, 8, 128, device="cuda", dtype=torch.float16) for _ in range(3))
-    out, lse = torch.empty_like(q), torch.empty(2, 8, 512, device="cuda")
-    kernels.attention_fwd(q, k, v, None, None, None, None, 512, 512, True, False, 128**-0.5, out, lse)
+    out, lse, stats = torch.empty_like(q), torch.empty(2, 8, 512, device="cuda"), torch.empty(2, 2, 8, 512, device="cuda")
+    kernels.attention_fwd(q, k, v, None, None, None, None, 512, 512, True, False, 128**-0.5, out, lse, stats)
     tuned = autotune.chosen()
     assert len(tuned) == 1
     (entry,) = tuned.values()
@@ -226,7 +226,7 @@ def test_tuning_on_the_gpu(monkeypatch):
     assert all(ms > 0 for _, ms in entry["ms"])
     want, want_lse = torch.empty_like(q), torch.empty_like(lse)
     kernels.attention_fwd(q, k, v, None, None, None, None, 512, 512, True, False, 128**-0.5, want, want_lse,
-                          tile=kernels.fwd_tiles(128, torch.float16, cpu=False)[0])
+                          torch.empty_like(stats), tile=kernels.fwd_tiles(128, torch.float16, cpu=False)[0])
     torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
     autotune.reset()

@@ -159,6 +159,7 @@ def record_attention(label, meta, arch: int) -> None:
             k = torch.empty(B, S, Hkv, D, dtype=dtype, **meta)
             lse = torch.empty(B, Hq, S, dtype=torch.float32, **meta)
             cu = None
+        stats = torch.empty((2,) + lse.shape, dtype=torch.float32, **meta)
         bias = torch.empty(1, 1, S, S, **meta).expand(B, Hq, S, S) if masked else None
         seqused = torch.empty(B, dtype=i32, **meta) if masked else None
         args = (bias, cu, cu, seqused, S, S, causal, False, D**-0.5)
@@ -169,13 +170,13 @@ def record_attention(label, meta, arch: int) -> None:
         for i, tile in enumerate(triton_attention.fwd_tiles(D, dtype, cpu=False, tma=arch >= 90, varlen=varlen,
                                                             bias=masked)):
             label(f"{name} fwd {_tile_text(tile, i)}")
-            triton_attention.attention_fwd(q, k, k, *args, torch.empty_like(q), lse, tile=tile)
+            triton_attention.attention_fwd(q, k, k, *args, torch.empty_like(q), lse, stats, tile=tile)
         if backward:
             dkdv, dq = triton_attention.bwd_tiles(D, dtype, cpu=False)
             for dkdv_tile, dq_tile in tile_pairs(dkdv, dq):  # (the recorder drops repeated binaries)
                 label(f"{name} bwd dkdv {_tile_text(dkdv_tile, dkdv.index(dkdv_tile))}, "
                       f"dq {_tile_text(dq_tile, dq.index(dq_tile))}")
-                triton_attention.attention_bwd(q, q, k, k, q, lse, *args, torch.empty_like(q), torch.empty_like(k),
+                triton_attention.attention_bwd(q, q, k, k, q, stats, *args, torch.empty_like(q), torch.empty_like(k),
                                                torch.empty_like(k), dkdv_tile=dkdv_tile, dq_tile=dq_tile)
     for dtype, D, Sq in ((torch.float16, 128, 1), (torch.bfloat16, 256, 4), (torch.float32, 64, 1), (torch.float16, 64, 2)):
         q = torch.empty(8, Sq, 32, D, dtype=dtype, **meta)

@@ -46,6 +46,9 @@ struct Seq {
 // group's query-major (query, head-in-group) rows).
 struct AttnItemView {
   Operand q, k, v, out, lse;  // lse (B, Hq, Sq) or (Hq, total): its tokens are the queries
+  // The forward's stats, laid out like lse: each row's max score and log of its sum of
+  // exp(score - max), from which the backward recomputes P (see attention_cpu_bwd_kernels.h).
+  Operand row_max, row_log_sum;
   const float* bias;
   int64_t b_batch, b_head, b_q, b_k;  // bias strides
   int64_t G;                          // query heads per kv head
@@ -76,6 +79,8 @@ struct AttnItemView {
   const void* v_row(int64_t j) const { return key_of(v, j); }
   void* out_row(int64_t r) const { return row_of(out, r); }
   float* lse_at(int64_t r) const { return static_cast<float*>(row_of(lse, r)); }
+  float* max_at(int64_t r) const { return static_cast<float*>(row_of(row_max, r)); }
+  float* log_sum_at(int64_t r) const { return static_cast<float*>(row_of(row_log_sum, r)); }
   // bias(row r, key j0 + j) = bias_row(r, j0)[j * b_k]
   const float* bias_row(int64_t r, int64_t j0) const {
     return bias + s.b * b_batch + head(r) * b_head + query(r) * b_q + j0 * b_k;
@@ -100,7 +105,8 @@ struct AttnBwdView : AttnItemView {
   int64_t nrows;               // G * Sq
   int64_t dp;                  // row stride of the packed fp32 rows: D rounded up to 16
   float *qp, *dop;             // nrows x dp: q and grad_out rows in fp32, zero padded
-  float *row_lse, *row_delta;  // nrows: lse, and rowsum(dO * O) - dlse
+  float *maxes, *log_sums;     // nrows: the rows' stats (row_max, row_log_sum)
+  float* deltas;               // nrows: rowsum(dO * O) - dlse
 
   float dlse_at(int64_t r) const {
     return dlse.base ? *static_cast<const float*>(row_of(dlse, r)) : 0.f;
@@ -223,6 +229,7 @@ struct Problem {
   bool packed;
   int64_t Hkv;
   std::vector<int64_t> lse_shape;  // (B, Hq, Sq), or (Hq, total_q) when packed
+  std::vector<int64_t> stats_shape;  // (2,) + lse_shape
   std::vector<Seq> seqs;
   AttnItemView base;  // q, k, v, bias, G, causal, scale, D (out and lse left to the op)
 };
@@ -298,6 +305,8 @@ Problem resolve_problem(const char* op, const at::Tensor& q, const at::Tensor& k
     p.lse_shape = {B, Hq, Sq};
     for (int64_t b = 0; b < B; ++b) p.seqs.push_back({b, 0, 0, Sq, used[b]});
   }
+  p.stats_shape = p.lse_shape;
+  p.stats_shape.insert(p.stats_shape.begin(), 2);
   w.q = operand(q, p.packed);
   w.k = operand(k, p.packed);
   w.v = operand(v, p.packed);
@@ -312,7 +321,7 @@ int64_t causal_shift(const Seq& s, bool causal_top_left) {
   return causal_top_left ? 1 : s.Sk - s.Sq + 1;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
@@ -324,9 +333,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   const Kernel& kern = kernel();
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(p.lse_shape, q.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty(p.stats_shape, q.options().dtype(at::kFloat));
   AttnItemView base = p.base;
   base.out = operand(out, p.packed);
   base.lse = lse_operand(lse, p.packed);
+  base.row_max = lse_operand(stats[0], p.packed);
+  base.row_log_sum = lse_operand(stats[1], p.packed);
   const int64_t D = base.D;
 
   // Rows per item: large enough that converting a key/value block is amortized over many
@@ -391,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     (kern.few_rows_item(it.rows, D) ? kern.run_few[dt] : kern.run[dt])(  // true when it.nh > 1
         w, thread_scratch(nscratch));
   });
-  return {out, lse};
+  return {out, lse, stats};
 }
 
 // out and grad_out: q's shape and dtype, any strides with unit stride in the head dim.
@@ -401,13 +413,13 @@ void check_like_q(const char* op, const at::Tensor& t, const char* name, const a
   check_qkv(op, t, name, q, q.dim(), "like q");
 }
 
-// lse and grad_lse: float32 in the shape attention_fwd returns, any strides.
+// stats and grad_lse: float32 in the shape attention_fwd returns them, any strides.
 void check_stats(const char* op, const at::Tensor& t, const char* name,
                  const std::vector<int64_t>& shape) {
   TORCH_CHECK(t.device().is_cpu(), op, name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), op, name, " must have shape ",
-              at::IntArrayRef(shape), " (attention_fwd's lse), got ", t.sizes());
+              at::IntArrayRef(shape), " (attention_fwd's ", name, "), got ", t.sizes());
 }
 
 struct BlockRange {
@@ -436,7 +448,7 @@ std::vector<BlockRange> cut_at_equal_cost(int64_t n, int64_t parts, const Cost& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& stats,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
     int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/, bool causal, bool causal_top_left,
@@ -446,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                                     causal, scale);
   check_like_q(op, out, "out", q);
   check_like_q(op, grad_out, "grad_out", q);
-  check_stats(op, lse, "lse", p.lse_shape);
+  check_stats(op, stats, "stats", p.stats_shape);
   if (grad_lse.has_value()) check_stats(op, *grad_lse, "grad_lse", p.lse_shape);
 
   at::Tensor dq = at::empty(q.sizes(), q.options());
@@ -470,7 +482,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   AttnBwdView base{};
   static_cast<AttnItemView&>(base) = p.base;
   base.out = operand(out, p.packed);
-  base.lse = lse_operand(lse, p.packed);
+  base.row_max = lse_operand(stats[0], p.packed);
+  base.row_log_sum = lse_operand(stats[1], p.packed);
   base.dout = operand(grad_out, p.packed);
   if (grad_lse.has_value()) base.dlse = lse_operand(*grad_lse, p.packed);
   base.dq = operand(dq, p.packed);
@@ -529,16 +542,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     gr.acc0 = acc_floats;
     acc_floats += gr.splits * w.nrows * dp;
   }
-  // fp32 buffers shared by the passes: packed rows, their lse and delta, dq accumulators.
+  // fp32 buffers shared by the passes: packed rows, their stats and delta, dq accumulators.
   const at::TensorOptions f32 = q.options().dtype(at::kFloat);
   at::Tensor packed_rows = at::empty({2 * total_rows * dp}, f32);
-  at::Tensor row_stats = at::empty({2 * total_rows}, f32);
+  at::Tensor row_stats = at::empty({3 * total_rows}, f32);
   at::Tensor dq_acc = at::empty({acc_floats}, f32);
   for (Group& gr : groups) {
     gr.w.qp = packed_rows.data_ptr<float>() + gr.row0 * dp;
     gr.w.dop = gr.w.qp + total_rows * dp;
-    gr.w.row_lse = row_stats.data_ptr<float>() + gr.row0;
-    gr.w.row_delta = gr.w.row_lse + total_rows;
+    gr.w.maxes = row_stats.data_ptr<float>() + gr.row0;
+    gr.w.log_sums = gr.w.maxes + total_rows;
+    gr.w.deltas = gr.w.log_sums + total_rows;
   }
 
   // Passes 1 and 3 go over spans of rows of each group.

@@ -7,11 +7,14 @@
 // The unit of work is a head group (sequence, kv head): the G query heads that share one key/value
 // head, G * Sq rows ordered query-major as in the forward. attention_cpu.cpp runs three passes:
 //   1. bwd_pack: each row's q and dO as fp32 rows of dp floats (zero padded to a multiple of 16),
-//      its lse, and delta = rowsum(dO * O) - dlse.
+//      its stats (max m, log-sum ls), and delta = rowsum(dO * O) - dlse.
 //   2. bwd_key_blocks: a block of kBwdBN keys at a time, with the keys along the vector lanes
 //      (its fp32 K as rows, K and V transposed); then every row that sees the block, kBwdCR rows
-//      at a time, recomputing the probabilities from the saved lse:
-//        S  = Q K^T                 P  = exp(S * scale + bias - lse), 0 where the row sees no key
+//      at a time, recomputing the probabilities from the saved stats:
+//        S  = Q K^T                 P  = exp((S * scale + bias - m) - ls), 0 where the row sees no key
+//      The scores are rounded as the forward rounds them and shifted by m before ls: at scores
+//      near float32's min (Hugging Face's masks) lse = m + ls has lost ls, and S * scale + bias
+//      is exactly m for the row's top keys only when computed in the forward's order.
 //        dP = dO V^T                dS = P * (dP - delta) * scale
 //        dV += P^T dO               dK += dS^T Q     (block accumulators, stored when it is done)
 //        dQ += dS K                 (into the item's fp32 accumulator, rows x dp)
@@ -101,8 +104,8 @@ LMKERN_INLINE void store_row(const float* src, int64_t D, T* dst) {
   if (d < D) Isa::store(dst + d, Isa::load(src + d), static_cast<int>(D - d));
 }
 
-// exp(x) where x may exceed 0 (recomputed scores round a little above the saved lse), and, with an
-// lse that does not belong to the inputs, by far: past vexp's exponent range the answer is inf.
+// exp(x) where x may exceed 0 (recomputed scores round a little above the saved max), and, with
+// stats that do not belong to the inputs, by far: past vexp's exponent range the answer is inf.
 LMKERN_INLINE R vexp_unbounded(R x) {
   return vselect(x > Isa::set1(88.3f), Isa::set1(INFINITY), vexp(x));
 }
@@ -123,8 +126,9 @@ void bwd_pack(const AttnBwdView& w, int64_t r0, int64_t r1) {
     int64_t d = 0;
     for (; d + L <= D; d += L) acc = Isa::fmadd(Isa::load(dout + d), Isa::load(o + d), acc);
     if (d < D) acc = Isa::fmadd(Isa::load(dout + d), Isa::load(o + d, D - d), acc);
-    w.row_lse[r] = *w.lse_at(r);
-    w.row_delta[r] = Isa::hsum(acc) - w.dlse_at(r);
+    w.maxes[r] = *w.max_at(r);
+    w.log_sums[r] = *w.log_sum_at(r);
+    w.deltas[r] = Isa::hsum(acc) - w.dlse_at(r);
   }
 }
 
@@ -161,22 +165,23 @@ inline void gather_bias(const AttnBwdView& w, int64_t c0, int rows, int64_t j0, 
 // keys of the block. P replaces S in s, dS replaces dP in dp; both are exactly 0 on the keys the
 // row does not see (whatever S or dP hold there: a masked key's NaN must not leak into dQ).
 template <bool kBias>
-LMKERN_INLINE void probs_and_dscores(int rows, const float* lim, const float* lse,
-                                     const float* delta, float scale, const float* bias,
-                                     float* s, float* dp) {
+LMKERN_INLINE void probs_and_dscores(int rows, const float* lim, const float* maxes,
+                                     const float* log_sums, const float* delta, float scale,
+                                     const float* bias, float* s, float* dp) {
   float lane[L];
   for (int i = 0; i < L; ++i) lane[i] = static_cast<float>(i);
   const R iota = Isa::load(lane);
   const R sc = Isa::set1(scale);
   for (int r = 0; r < rows; ++r, s += kBwdBN, dp += kBwdBN) {
     const R seen = Isa::set1(lim[r]);
-    const R neg_lse = Isa::set1(-lse[r]);
+    const R m = Isa::set1(maxes[r]);
+    const R ls = Isa::set1(log_sums[r]);
     const R dl = Isa::set1(delta[r]);
     for (int j = 0; j < kBwdBN; j += L) {
-      const R shift = kBias ? Isa::add(Isa::load(bias + r * kBwdBN + j), neg_lse) : neg_lse;
+      R x = Isa::mul(Isa::load(s + j), sc);  // the forward's rounding: scale, then the bias
+      if (kBias) x = Isa::add(x, Isa::load(bias + r * kBwdBN + j));
       const Ri visible = Isa::add(iota, Isa::set1(static_cast<float>(j))) < seen;
-      const R p = vselect(visible, vexp_unbounded(Isa::fmadd(Isa::load(s + j), sc, shift)),
-                          Isa::zero());
+      const R p = vselect(visible, vexp_unbounded(Isa::sub(Isa::sub(x, m), ls)), Isa::zero());
       const R ds = Isa::mul(p, Isa::mul(Isa::sub(Isa::load(dp + j), dl), sc));
       Isa::store(s + j, p);
       Isa::store(dp + j, vselect(visible, ds, Isa::zero()));
@@ -217,8 +222,8 @@ void bwd_key_blocks(const AttnBwdView& w, int64_t kb0, int64_t kb1, float* dq_ac
       const int rows = static_cast<int>(std::min<int64_t>(CR, nrows - c0));
       bool any = false;
       for (int r = 0; r < rows; ++r) {
-        // lse -inf: the row saw no key (its gradients are 0); a NaN lse is no such row
-        const bool no_key = w.row_lse[c0 + r] == -INFINITY;
+        // max -inf: the row saw no key (its gradients are 0); a NaN max is no such row
+        const bool no_key = w.maxes[c0 + r] == -INFINITY;
         const int64_t n = no_key ? 0 : std::clamp<int64_t>(w.visible(c0 + r) - j0, 0, nb);
         lim[r] = static_cast<float>(n);  // small integers: exact as floats
         any |= n > 0;
@@ -230,11 +235,11 @@ void bwd_key_blocks(const AttnBwdView& w, int64_t kb0, int64_t kb1, float* dq_ac
       gemm_over_head_dim(rows, BN_ / L, D, dout, dp, vt, BN_, dps, BN_);  // dP
       if (w.bias) {
         gather_bias(w, c0, rows, j0, nb, bias);
-        probs_and_dscores<true>(rows, lim, w.row_lse + c0, w.row_delta + c0, w.scale, bias, s,
-                                dps);
+        probs_and_dscores<true>(rows, lim, w.maxes + c0, w.log_sums + c0, w.deltas + c0, w.scale,
+                                bias, s, dps);
       } else {
-        probs_and_dscores<false>(rows, lim, w.row_lse + c0, w.row_delta + c0, w.scale, nullptr,
-                                 s, dps);
+        probs_and_dscores<false>(rows, lim, w.maxes + c0, w.log_sums + c0, w.deltas + c0,
+                                 w.scale, nullptr, s, dps);
       }
       gemm(nb, dp_regs, rows, s, 1, BN_, dout, dp, dv, dp, true);                 // dV += P^T dO
       gemm(nb, dp_regs, rows, dps, 1, BN_, q, dp, dk, dp, true);                  // dK += dS^T Q

@@ -172,20 +172,20 @@ LMKERN_INLINE void chunk_step(const AttnItemView& w, int nb, bool masked, const 
   if (d < D) pv_tail<NV>(D - d, vf + d, ldv, nb, st, ot + d * ld, ld, alpha);
 }
 
-// Writes row r's output, acc[d * stride] / l for d < D, and its lse; zeros and -inf when the row
-// saw no key (a NaN l, from NaN scores, takes the other branch).
+// Writes row r's output, acc[d * stride] / l for d < D, its lse and its stats (max m, log l);
+// zeros, -inf and (-inf, 0) when the row saw no key (then m is -inf already). A NaN l, from NaN
+// scores, takes the other branch and makes the max NaN too (NaN scores do not raise m, which
+// may still be -inf, the backward's mark of a row without keys).
 template <class T>
 LMKERN_INLINE void store_row(const AttnItemView& w, int r, const float* acc, int64_t stride,
                              float m, float l) {
   T* o = static_cast<T*>(w.out_row(r));
-  float* lse = w.lse_at(r);
-  if (l == 0.f) {
-    for (int d = 0; d < w.D; ++d) o[d] = static_cast<T>(0.f);
-    *lse = -INFINITY;
-  } else {
-    for (int d = 0; d < w.D; ++d) o[d] = static_cast<T>(acc[d * stride] / l);
-    *lse = m + std::log(l);
-  }
+  const bool seen = l != 0.f;
+  for (int d = 0; d < w.D; ++d) o[d] = static_cast<T>(seen ? acc[d * stride] / l : 0.f);
+  const float log_sum = seen ? std::log(l) : 0.f;
+  *w.lse_at(r) = seen ? m + log_sum : -INFINITY;
+  *w.max_at(r) = std::isnan(l) ? l : m;
+  *w.log_sum_at(r) = log_sum;
 }
 
 // Runs one work item; scratch holds scratch_floats(...) floats (attention_cpu.cpp).

@@ -12,6 +12,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cuda_glue.h"
 #include "glue_common.h"
@@ -152,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_op(const at::Tensor& q,
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_op(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
@@ -242,13 +243,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(
   const at::Tensor kv = vector_loadable(k);
   const at::Tensor vv = vector_loadable(v);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = packed ? at::empty({Hq, Sq}, q.options().dtype(at::kFloat))
-                          : at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
+  const std::vector<int64_t> lse_shape = packed ? std::vector<int64_t>{Hq, Sq}
+                                                 : std::vector<int64_t>{B, Hq, Sq};
+  std::vector<int64_t> stats_shape = lse_shape;
+  stats_shape.insert(stats_shape.begin(), 2);
+  at::Tensor lse = at::empty(lse_shape, q.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty(stats_shape, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse, stats};
   if (B == 0) {  // packed rows without any sequence
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
+    stats[0].fill_(-std::numeric_limits<float>::infinity());
+    stats[1].zero_();
+    return {out, lse, stats};
   }
 
   AttentionFwdParams p;
@@ -279,6 +286,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(
   if (used.defined()) p.seqused_k = used.data_ptr<int32_t>();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  p.row_max = stats.data_ptr<float>();
+  p.row_log_sum = p.row_max + lse.numel();
   p.B = B;
   p.Hq = Hq;
   p.Hkv = Hkv;
@@ -291,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(
   p.causal_top_left = causal_top_left;
   p.dtype = kernel_dtype(op, "q", q.scalar_type());
   check_cuda(attention_fwd_cuda(p, num_sms(), current_stream()), op);
-  return {out, lse};
+  return {out, lse, stats};
 }
 
 }  // namespace

@@ -5,14 +5,15 @@ functions onto them (lmkern.functional validates and normalizes the user's argum
 scales arrive resolved to a float):
 
 * ``attention_fwd(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-  max_seqlen_k, causal, causal_top_left, scale) -> (out, lse)``, the contract documented beside
+  max_seqlen_k, causal, causal_top_left, scale) -> (out, lse, stats)``, the contract documented beside
   its schema in csrc/registration.cpp: flash-attn's (B, S, H, D) layout with any strides (unit
   stride in the last dim), or packed (total, H, D) with int32 cu_seqlens; an optional fp32
   additive ``bias`` viewed as (B, Hq, Sq, Sk) (broadcast strides allowed); ``seqused_k`` per-row
   key counts (KV caches); causal aligned to the bottom right, or the top left (torch's sdpa).
-  fp32 lse, -inf on rows that see no key (whose output is zeros).
-* ``attention_bwd(grad_out, grad_lse, q, k, v, out, lse, <attention_fwd's arguments>) -> (dq,
-  dk, dv)``: the gradients, recomputing the probabilities from the saved lse (never an (Sq, Sk)
+  fp32 lse, -inf on rows that see no key (whose output is zeros); fp32 stats, each row's max
+  score and log of its sum of exp(score - max) in the kernel's own units, for its backward.
+* ``attention_bwd(grad_out, grad_lse, q, k, v, out, stats, <attention_fwd's arguments>) -> (dq,
+  dk, dv)``: the gradients, recomputing the probabilities from the saved stats (never an (Sq, Sk)
   matrix); ``grad_lse`` (optional) is the gradient flowing into the returned lse.
 * ``attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, num_splits) -> (out,
   lse)``: split-KV decoding over a cache (few queries, long cache); inference only.
@@ -31,14 +32,15 @@ Backward (registered on each forward op): cpu runs its ``attention_bwd`` kernel,
 included; triton its own kernel, except that a gradient flowing into the returned lse
 (flash_attention(return_lse=True)) takes the blockwise path; cuda, which has no backward kernel
 yet, and any lmkern._C without one, use ``lmkern::attention_bwd_blockwise``: PyTorch
-recomputing the probabilities from the saved lse one block of query rows at a time, so no
-(Sq, Sk) matrix is ever held either. The bias (an attention mask) gets no gradient: kernels
+recomputing the probabilities (the softmax of whole rows) one block of query rows at a time, so
+no (Sq, Sk) matrix is ever held either. The bias (an attention mask) gets no gradient: kernels
 decline masks that require one.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Optional
 
 import torch
@@ -62,15 +64,22 @@ DECODE_MAX_ROWS = 128
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def _fwd_outputs(q: Tensor, packed: bool) -> tuple[Tensor, Tensor]:
-    """(out, lse) as every forward op allocates them: out contiguous like q, lse fp32
-    (B, Hq, Sq), or (Hq, total_q) when packed."""
-    out = q.new_empty(q.shape)
-    if packed:
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-    else:
-        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-    return out, lse
+def _lse_shape(q: Tensor, packed: bool) -> tuple[int, ...]:
+    """(B, Hq, Sq), or (Hq, total_q) when packed."""
+    return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _fwd_outputs(q: Tensor, packed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, stats) as every forward op allocates them, contiguous: out like q, lse fp32 of
+    _lse_shape, stats fp32 (2,) + that shape."""
+    shape = _lse_shape(q, packed)
+    return (q.new_empty(q.shape), q.new_empty(shape, dtype=torch.float32),
+            q.new_empty((2,) + shape, dtype=torch.float32))
+
+
+def _decode_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, lse) as the decode ops allocate them (inference only: no stats)."""
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, False), dtype=torch.float32)
 
 
 def _fwd_fake(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale):
@@ -78,7 +87,7 @@ def _fwd_fake(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q
 
 
 def _decode_fake(q, k_cache, v_cache, cache_seqlens, causal, scale, num_splits):
-    return _fwd_outputs(q, False)
+    return _decode_outputs(q)
 
 
 def _grad_outputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,11 +95,11 @@ def _grad_outputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _bwd_fake(grad_out, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale):
+def _bwd_fake(grad_out, q, k, v, out, stats, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale):
     return _grad_outputs(q, k, v)
 
 
-def _cpp_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale):
+def _cpp_bwd_fake(grad_out, grad_lse, q, k, v, out, stats, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale):
     return _grad_outputs(q, k, v)
 
 
@@ -100,12 +109,12 @@ def _cpp_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, bias, cu_seqlens_q, cu_
 BLOCKWISE_SCORE_BUDGET = 1 << 22
 
 
-def _sequence_backward(grad_out, grad_lse, q, k, v, out, lse, bias, causal_offset, scale):
+def _sequence_backward(grad_out, grad_lse, q, k, v, out, bias, causal_offset, scale):
     """Gradients of one sequence, in fp32. q/out/grad_out (Sq, Hq, D), k/v (Sk, Hkv, D) with only
-    the keys the sequence reads, lse/grad_lse (Hq, Sq), bias (Hq, Sq, Sk) or None;
+    the keys the sequence reads, grad_lse (Hq, Sq), bias (Hq, Sq, Sk) or None;
     ``causal_offset`` None (not causal) or the d in "key j visible to query i iff j <= i + d".
 
-    With P = exp(s - lse): dV = P^T dO, dP = dO V^T, dS = P * (dP - delta) with
+    With P = softmax(s) row by row: dV = P^T dO, dP = dO V^T, dS = P * (dP - delta) with
     delta_i = rowsum(dO_i * O_i) - dlse_i, dQ = scale dS K, dK = scale dS^T Q; the GQA group's
     query heads are summed into their key/value head."""
     Sq, Hq, D = q.shape
@@ -119,7 +128,6 @@ def _sequence_backward(grad_out, grad_lse, q, k, v, out, lse, bias, causal_offse
     delta = (dof * out.to(f32).permute(1, 0, 2).reshape(Hkv, G, Sq, Dv)).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse.to(f32).reshape(Hkv, G, Sq)
-    lse4 = lse.reshape(Hkv, G, Sq)
     dq = torch.zeros((Hkv, G, Sq, D), dtype=f32, device=q.device)
     dk = torch.zeros((Hkv, Sk, D), dtype=f32, device=q.device)
     dv = torch.zeros((Hkv, Sk, Dv), dtype=f32, device=q.device)
@@ -140,9 +148,13 @@ def _sequence_backward(grad_out, grad_lse, q, k, v, out, lse, bias, causal_offse
         if causal_offset is not None:
             query_pos = torch.arange(i0, i1, device=q.device)
             s = s.masked_fill(key_pos[None, :n] > query_pos[:, None] + causal_offset, float("-inf"))
-        l = lse4[:, :, i0:i1, None]
-        live = l != float("-inf")  # lse -inf: the row saw no key and has no gradient (NaN stays NaN)
-        p = torch.where(live, torch.exp(s - torch.where(live, l, torch.zeros_like(l))), torch.zeros_like(s))
+        # The block holds whole rows, so P is their softmax, not exp(s - lse): at scores near
+        # float32's min (Hugging Face's masks) the lse has lost log(row sum). A row that sees no
+        # key (max -inf) has P 0; a NaN score stays NaN.
+        m = s.amax(-1, keepdim=True)
+        live = m != float("-inf")
+        p = torch.exp(s - torch.where(live, m, torch.zeros_like(m)))
+        p = p / torch.where(live, p.sum(-1, keepdim=True), torch.ones_like(m))
         dv[:, :n] += torch.einsum("hgij,hgid->hjd", p, do_blk)
         ds = p * (torch.einsum("hgid,hjd->hgij", do_blk, v_blk) - delta[:, :, i0:i1, None])
         dq[:, :, i0:i1] = torch.einsum("hgij,hjd->hgid", ds, k_blk) * scale
@@ -158,7 +170,6 @@ def attention_bwd_blockwise(
     k: Tensor,
     v: Tensor,
     out: Tensor,
-    lse: Tensor,
     bias: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor],
     cu_seqlens_k: Optional[Tensor],
@@ -183,19 +194,17 @@ def attention_bwd_blockwise(
     for b, (rows_q, rows_k) in enumerate(spans):
         if packed:
             qs, ks, vs, os_, gs = q[rows_q], k[rows_k], v[rows_k], out[rows_q], grad_out[rows_q]
-            ls = lse[:, rows_q]
             gl = grad_lse[:, rows_q] if grad_lse is not None else None
             bs = None
         else:
             qs, ks, vs, os_, gs = q[rows_q], k[rows_q, :rows_k], v[rows_q, :rows_k], out[rows_q], grad_out[rows_q]
-            ls = lse[rows_q]
             gl = grad_lse[rows_q] if grad_lse is not None else None
             bs = bias[rows_q, :, :, :rows_k] if bias is not None else None
         Sq_b, Sk_b = qs.shape[0], ks.shape[0]
         if Sq_b == 0 or Sk_b == 0:
             continue  # no score: every gradient of this sequence is zero
         offset = None if not causal else (0 if causal_top_left else Sk_b - Sq_b)
-        gq, gk, gv = _sequence_backward(gs, gl, qs, ks, vs, os_, ls, bs, offset, scale)
+        gq, gk, gv = _sequence_backward(gs, gl, qs, ks, vs, os_, bs, offset, scale)
         # (Hkv, G, Sq, D) -> (Sq, Hq, D); (Hkv, Sk, D) -> (Sk, Hkv, D)
         gq = gq.reshape(-1, Sq_b, gq.shape[-1]).permute(1, 0, 2)
         if packed:
@@ -208,7 +217,7 @@ def attention_bwd_blockwise(
 
 
 @attention_bwd_blockwise.register_fake
-def _attention_bwd_blockwise_fake(grad_out, grad_lse, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, causal, causal_top_left, scale):
+def _attention_bwd_blockwise_fake(grad_out, grad_lse, q, k, v, out, bias, cu_seqlens_q, cu_seqlens_k, seqused_k, causal, causal_top_left, scale):
     return _grad_outputs(q, k, v)
 
 
@@ -278,16 +287,16 @@ if triton_attention is not None:
         causal: bool,
         causal_top_left: bool,
         scale: float,
-    ) -> tuple[Tensor, Tensor]:
-        out, lse = _fwd_outputs(q, cu_seqlens_q is not None)
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        out, lse, stats = _fwd_outputs(q, cu_seqlens_q is not None)
         if q.numel() == 0:
-            return out, lse
+            return out, lse, stats
         triton_attention.attention_fwd(
             unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), bias, contiguous_or_none(cu_seqlens_q),
             contiguous_or_none(cu_seqlens_k), contiguous_or_none(seqused_k), max_seqlen_q, max_seqlen_k, causal,
-            causal_top_left, scale, out, lse,
+            causal_top_left, scale, out, lse, stats,
         )
-        return out, lse
+        return out, lse, stats
 
     @define_triton_op("lmkern::attention_bwd_triton", _bwd_fake)
     def attention_bwd_triton(
@@ -296,7 +305,7 @@ if triton_attention is not None:
         k: Tensor,
         v: Tensor,
         out: Tensor,
-        lse: Tensor,
+        stats: Tensor,
         bias: Optional[Tensor],
         cu_seqlens_q: Optional[Tensor],
         cu_seqlens_k: Optional[Tensor],
@@ -311,7 +320,7 @@ if triton_attention is not None:
         if q.numel() == 0 or k.numel() == 0:
             return dq.zero_(), dk.zero_(), dv.zero_()
         triton_attention.attention_bwd(
-            unit_stride_last(grad_out), unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), out, lse, bias,
+            unit_stride_last(grad_out), unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), out, stats, bias,
             contiguous_or_none(cu_seqlens_q), contiguous_or_none(cu_seqlens_k), contiguous_or_none(seqused_k),
             max_seqlen_q, max_seqlen_k, causal, causal_top_left, scale, dq, dk, dv,
         )
@@ -323,7 +332,7 @@ if HAS_TRITON_DECODE:
     def attention_decode_triton(
         q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, causal: bool, scale: float, num_splits: int
     ) -> tuple[Tensor, Tensor]:
-        out, lse = _fwd_outputs(q, False)
+        out, lse = _decode_outputs(q)
         if q.numel() == 0:
             return out, lse
         triton_attention.attention_decode(
@@ -336,46 +345,46 @@ if HAS_TRITON_DECODE:
 # ----------------------------------------------------------------------------- autograd
 
 
-def _blockwise_backward(grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale):
+def _blockwise_backward(grad_out, grad_lse, q, k, v, out, stats, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale):
     return torch.ops.lmkern.attention_bwd_blockwise(
-        grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, causal, top_left, scale
+        grad_out, grad_lse, q, k, v, out, bias, cu_q, cu_k, seqused_k, causal, top_left, scale
     )
 
 
-def _cpp_backward(grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale):
+def _cpp_backward(grad_out, grad_lse, q, k, v, out, stats, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale):
     """Backward of the C++ forward: lmkern::attention_bwd where lmkern._C has a kernel for the
     tensors' device (CPU), else the blockwise PyTorch backward (CUDA, for now)."""
     if not CPP_KERNELS.get(("attention_bwd", q.device.type.upper()), False):
-        return _blockwise_backward(grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale)
+        return _blockwise_backward(grad_out, grad_lse, q, k, v, out, stats, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale)
     if grad_out is None:  # only the lse is used
         grad_out = torch.zeros_like(out)
     return torch.ops.lmkern.attention_bwd(
-        unit_stride_last(grad_out), grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale
+        unit_stride_last(grad_out), grad_lse, q, k, v, out, stats, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale
     )
 
 
-def _triton_backward(grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale):
+def _triton_backward(grad_out, grad_lse, q, k, v, out, stats, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale):
     """The Triton backward kernel; the blockwise one when the lse receives a gradient."""
     if grad_lse is not None or grad_out is None:
-        return _blockwise_backward(grad_out, grad_lse, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale)
+        return _blockwise_backward(grad_out, grad_lse, q, k, v, out, stats, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale)
     return torch.ops.lmkern.attention_bwd_triton(
-        grad_out, q, k, v, out, lse, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale
+        grad_out, q, k, v, out, stats, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale
     )
 
 
 def _register_autograd(fwd: str, backward) -> None:
-    """Autograd of the forward op ``fwd``: ``backward(grad_out, grad_lse, q, k, v, out, lse, bias,
+    """Autograd of the forward op ``fwd``: ``backward(grad_out, grad_lse, q, k, v, out, stats, bias,
     cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal, causal_top_left,
     scale) -> (dq, dk, dv)``, where grad_out or grad_lse (not both) may be None."""
 
     def setup_context(ctx, inputs, output):
         q, k, v, bias, cu_q, cu_k, seqused_k, max_q, max_k, causal, top_left, scale = inputs
-        out, lse = output
+        out, _, stats = output
         ctx.set_materialize_grads(False)  # an unused lse brings None, not a tensor of zeros
         ctx.args = (max_q, max_k, causal, top_left, scale)
-        ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k, seqused_k)
+        ctx.save_for_backward(q, k, v, out, stats, bias, cu_q, cu_k, seqused_k)
 
-    def _backward(ctx, grad_out, grad_lse):
+    def _backward(ctx, grad_out, grad_lse, _grad_stats):
         if grad_out is None and grad_lse is None:
             return (None,) * 12
         dq, dk, dv = backward(grad_out, grad_lse, *ctx.saved_tensors, *ctx.args)
@@ -407,7 +416,9 @@ class KernelBackend:
         self._fwd, self._decode = fwd, decode
 
     def fwd(self, q, k, v, *args):
-        return self._fwd(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), *args)
+        """(out, lse) of the backend's forward op (its stats are for its backward only)."""
+        out, lse, _ = self._fwd(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), *args)
+        return out, lse
 
     def decode(self, q, k_cache, v_cache, *args):
         return self._decode(unit_stride_last(q), unit_stride_last(k_cache), unit_stride_last(v_cache), *args)
@@ -417,9 +428,10 @@ class KernelBackend:
         # the leading dims flatten into one.
         lead, (Hq, L, D), (Hkv, S), Dv = q.shape[:-3], q.shape[-3:], k.shape[-3:-1], v.shape[-1]
         four_d = q.dim() == 4 and k.dim() == 4 and v.dim() == 4  # the common case: no reshape (~2 µs each)
-        q4 = (q if four_d else q.reshape(-1, Hq, L, D)).transpose(1, 2)
-        k4 = (k if four_d else k.reshape(-1, Hkv, S, D)).transpose(1, 2)
-        v4 = (v if four_d else v.reshape(-1, Hkv, S, Dv)).transpose(1, 2)
+        B = math.prod(lead)  # (not -1: a reshape cannot infer it when a sequence length is 0)
+        q4 = (q if four_d else q.reshape(B, Hq, L, D)).transpose(1, 2)
+        k4 = (k if four_d else k.reshape(B, Hkv, S, D)).transpose(1, 2)
+        v4 = (v if four_d else v.reshape(B, Hkv, S, Dv)).transpose(1, 2)
         bias = None
         if attn_mask is not None:
             # fp32 additive bias built at the mask's own (unbroadcast) size, then viewed as
@@ -428,7 +440,7 @@ class KernelBackend:
                 bias = torch.zeros(attn_mask.shape, dtype=torch.float32, device=q.device).masked_fill_(~attn_mask, float("-inf"))
             else:
                 bias = attn_mask.to(torch.float32)
-            bias = bias.expand(lead + (Hq, L, S)).reshape(-1, Hq, L, S)
+            bias = bias.expand(lead + (Hq, L, S)).reshape(B, Hq, L, S)
         out, _ = self.fwd(q4, k4, v4, bias, None, None, None, L, S, is_causal, True, scale)
         return out.transpose(1, 2) if four_d else out.transpose(1, 2).reshape(lead + (Hq, L, Dv))
 

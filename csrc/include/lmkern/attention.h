@@ -59,6 +59,12 @@ struct AttentionFwdParams {
   const int32_t* seqused_k = nullptr;     // optional (B,) contiguous
   void* out = nullptr;  // q's shape, contiguous, dtype
   float* lse = nullptr;  // (B, Hq, Sq) contiguous, or (Hq, total_q) when packed
+  // Optional, laid out like lse: each row's max score and log2 of its sum of exp2(score - max),
+  // scores in the log2 domain (scale * log2(e)); -inf and 0 for a row that sees no key. A
+  // backward recomputes P = exp2((s - max) - log_sum) from them: near float32's min (Hugging
+  // Face's masks) lse = max + log_sum rounds to max.
+  float* row_max = nullptr;
+  float* row_log_sum = nullptr;
   int64_t B = 0, Hq = 0, Hkv = 0, D = 0;
   int64_t Sq = 0, Sk = 0;            // dense: sequence lengths; packed: total_q, total_k
   int64_t max_seqlen_q = 0;          // packed: grid sizing hint (any value >= 1 is correct)

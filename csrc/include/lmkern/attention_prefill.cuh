@@ -144,6 +144,20 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* src, int64_t r
   }
 }
 
+// Row i's lse (natural log) and, when asked for, its stats (max m, log2 row sum l), m and lse
+// in the log2 domain. A row with l == 0 saw no key: -inf, (-inf, 0). A NaN l (NaN scores) gives
+// NaN lse and max, as the reference does (the max may have skipped the NaN scores).
+__device__ __forceinline__ void store_row_stats(const AttentionFwdParams& p, int64_t i, float m,
+                                                float l) {
+  const bool seen = l != 0.f;
+  const float log_sum = seen ? __log2f(l) : 0.f;
+  p.lse[i] = seen ? (m + log_sum) * kLn2 : -INFINITY;
+  if (p.row_max != nullptr) {
+    p.row_max[i] = seen ? m + 0.f * log_sum : -INFINITY;  // (0 * NaN: NaN)
+    p.row_log_sum[i] = log_sum;
+  }
+}
+
 // Packed rows [lo, hi) of head h: out 0, lse -inf; rows strided over the grid's x blocks.
 template <typename T, int D>
 __device__ void write_empty_rows(const AttentionFwdParams& p, int64_t h, int64_t lo, int64_t hi) {
@@ -151,7 +165,7 @@ __device__ void write_empty_rows(const AttentionFwdParams& p, int64_t h, int64_t
        r += int64_t(gridDim.x) * kPrefillThreads) {
     T* o = static_cast<T*>(p.out) + (r * p.Hq + h) * D;
     for (int d = 0; d < D; ++d) o[d] = attn_from_float<T>(0.f);
-    p.lse[h * p.Sq + r] = -INFINITY;
+    store_row_stats(p, h * p.Sq + r, -INFINITY, 0.f);
   }
 }
 
@@ -374,7 +388,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
       l += __shfl_xor_sync(kFullMask, l, 2);
       const int64_t row = m0 + wrow + g + 8 * hr;
       if (row >= Sq_b) continue;
-      const float inv_l = l > 0.f ? 1.f / l : 0.f;
+      const float inv_l = l != 0.f ? 1.f / l : 0.f;  // (a NaN l, from NaN scores, stays NaN)
       const int64_t orow = packed ? q0 + row : b * p.Sq + row;  // row of the (.., Hq, D) output
       T* out = static_cast<T*>(p.out) + (orow * p.Hq + h) * D;
 #pragma unroll
@@ -382,14 +396,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
         const uint32_t w = pack2<T>(o[d][2 * hr] * inv_l, o[d][2 * hr + 1] * inv_l);
         *reinterpret_cast<uint32_t*>(out + d * 8 + t4 * 2) = w;
       }
-      if (t4 == 0) {
-        const float lse = l > 0.f ? (m_run[hr] + __log2f(l)) * kLn2 : -INFINITY;
-        if (packed) {
-          p.lse[h * p.Sq + q0 + row] = lse;
-        } else {
-          p.lse[(b * p.Hq + h) * p.Sq + row] = lse;
-        }
-      }
+      if (t4 == 0) store_row_stats(p, packed ? h * p.Sq + q0 + row : (b * p.Hq + h) * p.Sq + row, m_run[hr], l);
     }
   }
 }
