@@ -153,7 +153,7 @@ __device__ __forceinline__ void store_row_stats(const AttentionFwdParams& p, int
   const float log_sum = seen ? __log2f(l) : 0.f;
   p.lse[i] = seen ? (m + log_sum) * kLn2 : -INFINITY;
   if (p.row_max != nullptr) {
-    p.row_max[i] = seen ? m + 0.f * log_sum : -INFINITY;  // (0 * NaN: NaN)
+    p.row_max[i] = seen ? (l == l ? m : l) : -INFINITY;
     p.row_log_sum[i] = log_sum;
   }
 }
