@@ -68,3 +68,20 @@ def tile_pairs(first: tuple, second: tuple) -> list[tuple]:
     once, paired in order; past the end of the shorter list, its default (its first) again."""
     return [(first[i] if i < len(first) else first[0], second[i] if i < len(second) else second[0])
             for i in range(max(len(first), len(second)))]
+
+
+def check_row_stats(lse, stats, base=math.e, keys=None, what="stats"):
+    """The forward's stats for the backward: (row max m, log-sum ls) in the kernel's log base (e on
+    cpu, 2 on triton and cuda), with (m + ls) ln(base) = lse and ls in [0, log_base(keys)]; (-inf, 0)
+    on the rows that see no key, and a NaN max exactly where lse is NaN."""
+    assert stats.shape == (2,) + lse.shape and stats.dtype == torch.float32 and stats.is_contiguous(), what
+    m, ls = stats
+    dead = torch.isneginf(lse)
+    assert torch.equal(torch.isneginf(m), dead) and (ls[dead] == 0).all(), f"{what}: stats of rows without keys"
+    assert torch.equal(m.isnan(), lse.isnan()), f"{what}: NaN rows"
+    ok = ~dead & ~lse.isnan()
+    assert (ls[ok] >= 0).all(), f"{what}: negative log-sum"
+    if keys is not None:
+        assert (ls[ok] <= math.log(max(keys, 1), base) + 1e-5).all(), f"{what}: log-sum above log(keys)"
+    torch.testing.assert_close((m[ok] + ls[ok]) * math.log(base), lse[ok], rtol=1e-6, atol=1e-6,
+                               msg=f"{what}: (m + ls) ln(base) != lse")

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from attention_helpers import grad_term_scale
+from attention_helpers import check_row_stats, grad_term_scale
 from helpers import assert_close_2x, poisoned_empty
 
 import lmkern  # noqa: F401  (registers the ops)
@@ -71,20 +71,9 @@ def check(out, lse, ref, ref_lp, ref_lse32, what):
     assert_close_2x(lse[~masked], ref_lse[~masked].double(), ref_lse32[~masked], f"{what} lse", term_scale=1.0)
 
 
-def check_stats(lse, stats, keys, what):
-    """The backward's stats: (row max m, log-sum ls) with m + ls = lse, ls in [0, log(keys)];
-    (-inf, 0) on the rows that see no key."""
-    assert stats.shape == (2,) + lse.shape and stats.dtype == torch.float32 and stats.is_contiguous(), what
-    m, ls = stats
-    dead = torch.isneginf(lse)
-    assert torch.equal(torch.isneginf(m), dead) and (ls[dead] == 0).all(), f"{what}: stats of rows without keys"
-    assert (ls[~dead] >= 0).all() and (ls[~dead] <= math.log(max(keys, 1)) + 1e-5).all(), f"{what}: log-sum range"
-    torch.testing.assert_close(m[~dead] + ls[~dead], lse[~dead], rtol=1e-6, atol=1e-6, msg=f"{what}: m + ls != lse")
-
-
 def run_dense(q, k, v, what, bias=None, used=None, causal=False, top_left=False, scale=None):
     out, lse, stats = op(q, k, v, bias, None, None, used, causal, top_left, scale)
-    check_stats(lse, stats, k.shape[1], what)
+    check_row_stats(lse, stats, keys=k.shape[1], what=what)
     kw = dict(bias=bias, used=used, causal=causal, top_left=top_left, scale=scale)
     ref = dense_reference(q, k, v, **kw)
     ref_lp = dense_reference(q, k, v, lowp=True, **kw)
@@ -267,7 +256,7 @@ def test_varlen(dtype, causal):
     ref32 = flash_attention(q.float(), k.float(), v.float(), **kw)
     assert out.shape == q.shape and lse.shape == (6, q.shape[0])
     check(out, lse, ref, ref_lp, ref32[1], f"varlen causal={causal}")
-    check_stats(lse, stats, k.shape[0], f"varlen causal={causal}")
+    check_row_stats(lse, stats, keys=k.shape[0], what=f"varlen causal={causal}")
     assert (out[5:8] == 0).all()  # the sequence with 3 queries and no keys
 
     g, grad_lse = torch.randn_like(out), torch.randn_like(lse)
@@ -563,6 +552,6 @@ def test_portable_isa(tmp_path):
     results = torch.load(tmp_path / "out.pt")
     for case, g, ((out, lse, stats), grads), (ref, ref_lp, ref32, kw) in zip(cases, grad_outs, results, refs):
         check(out, lse, ref, ref_lp, ref32, f"portable {out.dtype}")
-        check_stats(lse, stats, case[1].shape[1], f"portable {out.dtype}")
+        check_row_stats(lse, stats, keys=case[1].shape[1], what=f"portable {out.dtype}")
         fn_ref = lambda q, k, v, lowp: dense_reference(q, k, v, lowp=lowp, **kw)  # noqa: E731
         check_grads(grads, case[:3], fn_ref, g, None, f"portable bwd {out.dtype}")
