@@ -3,7 +3,13 @@ attention) for lmkern's, in place."""
 
 from __future__ import annotations
 
+import inspect
+import math
+from typing import Optional
+
 import torch
+from torch import Tensor
+from torch.func import functional_call
 
 from lmkern import nn as lnn
 
@@ -22,23 +28,70 @@ def _replacement(module: torch.nn.Module):
 
 
 def _hf_rms_norm(module: torch.nn.Module):
-    """Hugging Face RMSNorm modules: LlamaRMSNorm-style (``weight`` and ``variance_epsilon``, output
-    ``weight * normalized``) and Gemma-style (``weight`` and ``eps``, output ``(1 + weight) * normalized``)."""
+    """Hugging Face RMSNorm modules (class name ending in ``RMSNorm``, one 1-D ``weight`` Parameter,
+    no buffers, ``variance_epsilon`` or ``eps``, ``forward(hidden_states)``), recognized by what
+    they compute rather than by name: Llama-style ``weight * normalized`` and Gemma-style
+    ``(1 + weight) * normalized`` look alike from outside, and a family's next version may switch
+    (Gemma 3n and Gemma 4 multiply by ``weight`` again). A module :func:`_probe_rms_norm` cannot
+    match is left alone."""
     name = type(module).__name__
     weight = getattr(module, "weight", None)
     if not name.endswith("RMSNorm") or not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
         return None
-    if hasattr(module, "variance_epsilon"):
-        eps, offset = float(module.variance_epsilon), 0.0
-    elif name.startswith("Gemma") and hasattr(module, "eps"):
-        eps, offset = float(module.eps), 1.0
-    else:
+    if [n for n, _ in module.named_parameters()] != ["weight"] or next(module.buffers(), None) is not None:
         return None
-    new = lnn.HFRMSNorm(weight.shape[0], eps=eps, device="meta")
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        return None
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if len(params) != 1 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        return None  # extra arguments (a gate, a residual) that lmkern's module would not take
+    found = _probe_rms_norm(module, float(eps), weight.shape[0])
+    if found is None:
+        return None
+    offset, promotes = found
+    new = lnn.HFRMSNorm(weight.shape[0], eps=float(eps), device="meta")
     new.weight = weight  # the same Parameter: optimizer state and tying survive
     new.weight_offset = offset
+    new.promotes_dtype = promotes
     new.train(module.training)
     return new
+
+
+def _probe_rms_norm(module: torch.nn.Module, eps: float, n: int) -> Optional[tuple[float, bool]]:
+    """``(weight_offset, promotes_dtype)`` when ``module`` computes ``(offset + weight) * x /
+    sqrt(mean(x**2) + eps)`` over the last dim with offset 0 or 1, else None. ``promotes_dtype``:
+    whether a float32 weight on bfloat16 input gives float32 (Llama) or the input's dtype (Gemma).
+
+    Runs the module's own forward on small float32 CPU inputs with a random CPU weight put in
+    place of its own (``torch.func.functional_call``), so its parameters, device and mode are
+    untouched and meta-device modules can be probed too. One probe row has a mean square near
+    ``eps``, so an ``eps`` used elsewhere in the formula shows."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(n, generator=gen)
+    x = torch.randn(3, n, generator=gen) + 0.5
+    x = torch.cat([x, x[:1] * math.sqrt(max(eps, 1e-12))])
+    try:
+        with torch.no_grad():
+            got = functional_call(module, {"weight": weight}, (x,))
+            low = functional_call(module, {"weight": weight}, (x.to(torch.bfloat16),))
+    except Exception:  # whatever the forward needs that the probe lacks: not a module we know
+        return None
+    if not isinstance(got, Tensor) or not isinstance(low, Tensor) or got.shape != x.shape or low.shape != x.shape:
+        return None
+    x64 = x.double()
+    normalized = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps)
+    for offset in (0.0, 1.0):
+        if torch.allclose(got.double(), normalized * (offset + weight.double()), rtol=1e-4, atol=1e-6):
+            break
+    else:
+        return None
+    if low.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return offset, low.dtype == torch.float32
 
 
 def _patch_attention(model: torch.nn.Module) -> int:
@@ -60,7 +113,7 @@ def _patch_attention(model: torch.nn.Module) -> int:
 
 def patch(model: torch.nn.Module, *, attention: bool = False) -> int:
     """Replaces, in place, every torch.nn.LayerNorm / torch.nn.RMSNorm in ``model`` (and Hugging
-    Face LlamaRMSNorm-style modules) with lmkern's, keeping their parameters. Returns how many
+    Face RMSNorm modules whose math a probe confirms, see :func:`_hf_rms_norm`) with lmkern's, keeping their parameters. Returns how many
     modules were replaced. ``model`` itself is patched too when it is a norm layer.
 
     ``attention=True`` also swaps every torch.nn.MultiheadAttention for lmkern.nn.MultiheadAttention

@@ -1,5 +1,6 @@
 """lmkern.nn drop-ins: same constructor, parameters, init, repr and state_dict as torch's; and lmkern.patch."""
 
+import importlib
 import inspect
 
 import pytest
@@ -149,6 +150,133 @@ def test_patch_llama_style_keeps_dtype_promotion():
     got = m(x)
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+class Gemma3nRMSNorm(torch.nn.Module):
+    """Gemma 3n's RMSNorm: Gemma's name and ``eps`` attribute, but ``weight * normalized`` (no 1 +)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).type_as(x)
+
+
+class EpsOutsideRMSNorm(LlamaRMSNorm):
+    """Llama's attributes, other math: eps added after the square root."""
+
+    def forward(self, x):
+        return self.weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + self.variance_epsilon)
+
+
+class CenteredRMSNorm(LlamaRMSNorm):
+    """Llama's attributes, other math: the mean is taken out first (a LayerNorm by another name)."""
+
+    def forward(self, x):
+        return super().forward(x - x.mean(-1, keepdim=True))
+
+
+class GatedRMSNorm(LlamaRMSNorm):
+    """A second input that lmkern's module would not take."""
+
+    def forward(self, x, gate=None):
+        return super().forward(x if gate is None else x * torch.sigmoid(gate))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls,offset", [(LlamaRMSNorm, 0.0), (GemmaRMSNorm, 1.0), (Gemma3nRMSNorm, 0.0)])
+def test_patch_recognizes_hf_rms_norms_by_their_math(cls, offset, dtype):
+    """The weight offset and the output dtype (a float32 weight on bfloat16 input: promoted for
+    Llama, the input's for Gemma) come from what the module computes, not from its name."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(cls(40, eps=1e-5))
+    with torch.no_grad():
+        m[0].weight.normal_(0, 0.5)
+    x = torch.randn(3, 5, 40, dtype=dtype) * 3
+    want = m(x)
+    assert lmkern.patch(m) == 1
+    assert isinstance(m[0], lmkern.nn.HFRMSNorm) and m[0].weight_offset == offset and m[0].eps == 1e-5
+    got = m(x)
+    assert got.dtype == want.dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cls", [EpsOutsideRMSNorm, CenteredRMSNorm, GatedRMSNorm])
+def test_patch_leaves_rms_norms_with_other_math_alone(cls):
+    m = torch.nn.Sequential(cls(16))
+    assert lmkern.patch(m) == 0 and type(m[0]) is cls
+
+
+def test_patch_probes_meta_modules_without_touching_them():
+    with torch.device("meta"):
+        m = torch.nn.Sequential(Gemma3nRMSNorm(16), GemmaRMSNorm(16))
+    assert lmkern.patch(m) == 2
+    assert [x.weight_offset for x in m] == [0.0, 1.0] and all(x.weight.is_meta for x in m)
+    m.to_empty(device="cpu")
+    with torch.no_grad():
+        for x in m:
+            x.weight.normal_()
+    ref = torch.nn.Sequential(Gemma3nRMSNorm(16), GemmaRMSNorm(16))
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def _transformers_rms_norm_classes(transformers):
+    """Every class named ...RMSNorm in transformers' modeling modules (imports them all)."""
+    import pkgutil
+
+    import transformers.models
+
+    found = {}
+    for info in pkgutil.iter_modules(transformers.models.__path__):
+        name = f"transformers.models.{info.name}.modeling_{info.name}"
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # a model whose optional dependencies are missing here
+            continue
+        for cname, cls in vars(module).items():
+            if cname.endswith("RMSNorm") and inspect.isclass(cls) and cls.__module__ == name:
+                found[cname] = cls
+    return found
+
+
+def test_patch_matches_every_transformers_rms_norm():
+    """Every RMSNorm class of the installed transformers that builds as cls(hidden): if patch
+    replaces it, the replacement gives the same output and dtype (float32, and bfloat16 input on a
+    float32 weight); the common families are among those replaced."""
+    transformers = pytest.importorskip("transformers")
+    classes = _transformers_rms_norm_classes(transformers)
+    replaced = []
+    for cname, cls in sorted(classes.items()):
+        torch.manual_seed(0)
+        try:
+            m = torch.nn.Sequential(cls(48))
+        except (TypeError, AttributeError):  # needs a config or more: not built like this here
+            continue
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0.3, 0.5)
+        xs = [torch.randn(2, 7, 48) * 2, torch.randn(2, 7, 48).bfloat16()]
+        try:
+            wants = [m(x) for x in xs]
+        except Exception:  # a forward that needs more than one input
+            wants = None
+        if not lmkern.patch(m):
+            continue
+        assert wants is not None, f"{cname}: replaced, but its own forward fails on one input"
+        replaced.append(cname)
+        for x, want in zip(xs, wants):
+            got = m(x)
+            assert got.dtype == want.dtype, cname
+            tol = 1e-5 if x.dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=cname)
+    expected = {"LlamaRMSNorm", "GemmaRMSNorm", "Gemma3nRMSNorm", "Qwen3NextRMSNorm", "Qwen2RMSNorm"}
+    assert expected & set(classes) <= set(replaced)
 
 
 def test_patched_module_trains(device_backend):

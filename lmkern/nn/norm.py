@@ -53,15 +53,17 @@ class FusedAddRMSNorm(RMSNorm):
 
 
 class HFRMSNorm(RMSNorm):
-    """Replacement for Hugging Face ``LlamaRMSNorm``-style modules (a ``weight`` and a
-    ``variance_epsilon``), made by ``lmkern.patch``.
+    """Replacement for Hugging Face RMSNorm modules (a ``weight`` and a ``variance_epsilon`` or
+    ``eps``), made by ``lmkern.patch``.
 
-    Like the module it replaces, the result has the promoted dtype of input and weight (a float32
-    weight on bfloat16 activations gives float32), and ``variance_epsilon`` stays readable.
-    ``weight_offset`` is 1.0 for Gemma-style ``(1 + weight)`` modules.
+    ``weight_offset`` is 1.0 for Gemma-style ``(1 + weight)`` modules. The result has the
+    promoted dtype of input and weight (a float32 weight on bfloat16 activations gives float32)
+    like ``LlamaRMSNorm``, or with ``promotes_dtype = False`` the input's dtype like Gemma's.
+    ``variance_epsilon`` stays readable.
     """
 
     weight_offset: float = 0.0
+    promotes_dtype: bool = True
 
     @property
     def variance_epsilon(self) -> Optional[float]:
@@ -71,4 +73,4 @@ class HFRMSNorm(RMSNorm):
         out = F.rms_norm(
             input, self.normalized_shape, self.weight, self.eps, weight_offset=self.weight_offset, backend=self.backend
         )
-        return out.to(torch.promote_types(input.dtype, self.weight.dtype))
+        return out.to(torch.promote_types(input.dtype, self.weight.dtype)) if self.promotes_dtype else out
