@@ -121,13 +121,29 @@ def _import_time_nodes(body):
 
 def test_register_is_idempotent_and_registers_both_interfaces():
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
     assert hf.register() == "lmkern"
     assert hf.register() == "lmkern"
     assert AttentionInterface()["lmkern"] is hf.attention_forward
     # without the mask entry transformers would pass no mask and drop the padding
-    assert AttentionMaskInterface()["lmkern"] is sdpa_mask
+    assert AttentionMaskInterface()["lmkern"] is hf.make_mask
+
+
+def test_mask_is_skipped_only_where_causal_alignments_agree():
+    """make_mask is sdpa_mask, except that fewer queries than keys (a prefill into an empty static
+    cache) get a real mask instead of None: only then can the attention function tell that case
+    from queries cut to the last positions."""
+    from transformers.masking_utils import sdpa_mask
+
+    for q_len in (1, 6):  # decode, and as many queries as keys: skipped, as sdpa_mask does
+        assert hf.make_mask(batch_size=2, q_length=q_len, kv_length=q_len if q_len > 1 else 9) is None
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[:, 6:] = False  # the static cache's empty tail
+    assert sdpa_mask(batch_size=2, q_length=6, kv_length=9, attention_mask=padding) is None
+    got = hf.make_mask(batch_size=2, q_length=6, kv_length=9, attention_mask=padding)
+    want = sdpa_mask(batch_size=2, q_length=6, kv_length=9, attention_mask=padding, allow_is_causal_skip=False)
+    assert got is not None and torch.equal(got, want)
+    # the caller's own allow_is_causal_skip=False is kept where the skip would be allowed
+    assert hf.make_mask(batch_size=1, q_length=5, kv_length=5, allow_is_causal_skip=False) is not None
 
 
 def test_from_config_and_from_pretrained(tmp_path, count_calls):
@@ -231,10 +247,75 @@ def test_patch_with_attention_swaps_torch_multihead_attention():
     assert lmkern.patch(model, attention=True) == 0  # idempotent
 
 
-def test_unsupported_arguments_are_refused():
+@pytest.mark.parametrize("name", ["softcap", "s_aux", "sinks", "indices", "block_indices"])
+def test_unsupported_arguments_are_refused(name):
+    """Logit soft-capping, attention sinks and sparse-attention key selections (which DeepSeek
+    V3.2-style models fold into the mask only for "eager" and "sdpa") change the result: refused,
+    not dropped."""
     q = torch.randn(1, 2, 3, 8)
-    with pytest.raises(ValueError, match="softcap"):
-        hf.attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
+    value = 30.0 if name == "softcap" else torch.zeros(1, 3, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        hf.attention_forward(torch.nn.Module(), q, q, q, None, **{name: value})
+    hf.attention_forward(torch.nn.Module(), q, q, q, None, **{name: None})  # absent is fine
+
+
+def test_sparse_attention_model_is_refused_not_computed_densely():
+    if "deepseek_v32" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no DeepSeek V3.2")
+    config = transformers.AutoConfig.for_model(
+        "deepseek_v32", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, moe_intermediate_size=32, kv_lora_rank=16, q_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, index_topk=4, index_head_dim=16,
+        index_n_heads=2,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.set_attn_implementation(hf.register())
+    with pytest.raises(ValueError, match="`indices`"), torch.no_grad():
+        model(input_ids=torch.randint(1, 96, (1, 12)))
+
+
+def test_queries_cut_to_the_last_positions_align_causality_bottom_right(count_calls):
+    """No mask, causal, fewer queries than keys (what a model that drops queries after the mask
+    was skipped passes): the queries are the last positions."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    out, _ = hf.attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.25, is_causal=True)
+    visible = torch.ones(3, 8, dtype=torch.bool).tril(5)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=visible, scale=0.25, enable_gqa=True
+    )
+    assert count_calls
+    torch.testing.assert_close(out, want.transpose(1, 2).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_gemma4_logits_to_keep_matches_sdpa(count_calls):
+    """Gemma 4 cuts the queries of its KV-shared layers to the kept positions after the mask was
+    made; transformers guards that only for the name "sdpa"."""
+    if "gemma4_text" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    config = transformers.AutoConfig.for_model(
+        "gemma4_text", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=16, num_kv_shared_layers=2,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=96,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids = torch.randint(1, 96, (2, 16))
+    with torch.no_grad():
+        want = model(input_ids=ids, logits_to_keep=4).logits
+        model.set_attn_implementation(hf.register())
+        got = model(input_ids=ids, logits_to_keep=4).logits
+    assert count_calls
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_model_that_keeps_its_own_attention_is_refused():
+    config = transformers.FalconConfig(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
+    model = transformers.FalconForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="FalconForCausalLM kept attn_implementation"):
+        lmkern.patch(model, attention=True)
 
 
 def test_position_bias_and_broadcast_batch_follow_sdpa_integration():

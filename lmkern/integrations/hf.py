@@ -8,16 +8,18 @@
 ``register()`` adds two entries to transformers' global registries, both under "lmkern":
 
 * ``AttentionInterface``: :func:`attention_forward`, which runs ``lmkern.scaled_dot_product_attention``;
-* ``AttentionMaskInterface``: transformers' own ``sdpa_mask``. transformers builds masks only for
-  implementations that have a mask entry; without one it passes no mask at all, and padding would be
-  silently ignored. sdpa's masks (bool, True = attend, (B, 1, Sq, Sk), or None when ``is_causal``
-  covers it) are exactly what lmkern's sdpa takes.
+* ``AttentionMaskInterface``: :func:`make_mask`, transformers' own ``sdpa_mask`` with one skip
+  fewer. transformers builds masks only for implementations that have a mask entry; without one
+  it passes no mask at all, and padding would be silently ignored. sdpa's masks (bool, True =
+  attend, (B, 1, Sq, Sk), or None when ``is_causal`` covers it) are exactly what lmkern's sdpa
+  takes.
 
 Importing this module does not import transformers; ``register()`` does.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -27,8 +29,11 @@ from lmkern import functional as F
 
 NAME = "lmkern"
 
-# Keyword arguments some models pass that change the attention math and that sdpa cannot express.
-_UNSUPPORTED = ("softcap", "s_aux", "sinks")
+# Keyword arguments some models pass that change the attention math and that sdpa cannot express:
+# logit soft-capping, attention sinks, and the key selections of sparse attention (DeepSeek V3.2,
+# GLM-MoE-DSA and others fold those into the mask only for "eager" and "sdpa", and pass them as
+# keywords to every other implementation).
+_UNSUPPORTED = ("softcap", "s_aux", "sinks", "indices", "block_indices")
 
 
 def attention_forward(
@@ -68,10 +73,13 @@ def attention_forward(
     # Decoding (one query) attends every cached key; a mask carries its own causal pattern.
     is_causal = q_len > 1 and attention_mask is None and bool(is_causal)
     if is_causal and key.shape[2] > q_len:
-        # Top-left causal never reads keys past q_len (prefill into an empty static cache).
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-        if position_bias is not None:
-            position_bias = position_bias[..., :q_len]
+        # No mask and fewer queries than keys: with make_mask() as the mask function, only a
+        # model that cut its queries to the last positions after the mask was skipped (Gemma 4's
+        # KV-shared layers with logits_to_keep > 1) gets here, so the causal diagonal is aligned
+        # to the bottom right, not top-left as sdpa's is_causal would be.
+        k_len = key.shape[2]
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        is_causal = False
     if position_bias is not None:
         attention_mask = _with_position_bias(position_bias, attention_mask, is_causal, q_len, key.shape[2])
         is_causal = False
@@ -93,22 +101,45 @@ def _with_position_bias(bias: Tensor, mask: Optional[Tensor], is_causal: bool, q
     return bias + mask
 
 
+def make_mask(*args, **kwargs):
+    """transformers' ``sdpa_mask``, except that it builds the mask where sdpa_mask would leave it to
+    ``is_causal`` with fewer queries than keys (a prefill into an empty static cache). There sdpa's
+    top-left diagonal is right, but the same call (no mask, fewer queries than keys) also reaches
+    the attention function when a model cuts its queries to the last positions after the mask
+    was made (Gemma 4), where it is wrong; transformers avoids that case only for the name
+    "sdpa". The skip stays where every alignment agrees: one query, or as many queries as keys."""
+    from transformers.masking_utils import sdpa_mask
+
+    bound = inspect.signature(sdpa_mask).bind(*args, **kwargs)
+    q_length, kv_length = bound.arguments["q_length"], bound.arguments["kv_length"]
+    if q_length != 1 and q_length != kv_length:
+        bound.arguments["allow_is_causal_skip"] = False
+    return sdpa_mask(*bound.args, **bound.kwargs)
+
+
 def register() -> str:
     """Registers "lmkern" with transformers' AttentionInterface and AttentionMaskInterface.
     Idempotent (a later call sets the same two entries again). Returns the name to pass as
     ``attn_implementation``."""
     try:
         from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
     except ImportError as e:
         raise ImportError("lmkern.integrations.hf.register() needs the transformers package") from e
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, make_mask)
     return NAME
 
 
 def use_lmkern_attention(model) -> None:
-    """Registers lmkern's attention and switches a loaded transformers model to it."""
+    """Registers lmkern's attention and switches a loaded transformers model to it. Raises
+    ValueError for a model that keeps its own attention (one not written against transformers'
+    AttentionInterface, such as Falcon: transformers only logs a warning there)."""
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel (no set_attn_implementation)")
     model.set_attn_implementation(register())
+    kept = getattr(getattr(model, "config", None), "_attn_implementation", NAME)
+    if kept != NAME:
+        raise ValueError(
+            f"{type(model).__name__} kept attn_implementation={kept!r}: it does not take attention functions "
+            "from transformers' AttentionInterface, so lmkern's attention cannot be used with it"
+        )
