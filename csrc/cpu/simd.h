@@ -33,7 +33,12 @@
 #define LMKERN_PRAGMA(x) _Pragma(#x)
 #define LMKERN_TARGET_BEGIN(isa) LMKERN_PRAGMA(GCC push_options) LMKERN_PRAGMA(GCC target(isa))
 #define LMKERN_TARGET_END LMKERN_PRAGMA(GCC pop_options)
+#ifdef LMKERN_EMULATE_AVX512  // test builds: the AVX-512 copy runs on SIMDe (avx512_emulation.h)
+#include "avx512_emulation.h"
+#define LMKERN_AVX512_ISA "avx2,fma,f16c,bmi2"
+#else
 #define LMKERN_AVX512_ISA "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,bmi2"
+#endif
 #define LMKERN_AVX2_ISA "avx2,fma,f16c"
 #else
 #define LMKERN_X86_SIMD 0
@@ -263,7 +268,11 @@ struct Avx512 {
   }
   LMKERN_INLINE static R keep(R a, int n) { return _mm512_maskz_mov_ps(mask(n), a); }
   LMKERN_INLINE static R rounded(R a) {
+#ifdef LMKERN_EMULATE_AVX512  // no 512-bit registers to name
+    asm volatile("" : "+m"(a));
+#else
     asm("" : "+v"(a));
+#endif
     return a;
   }
 };
