@@ -1,6 +1,6 @@
 """lmkern.patch(model, attention=True) on tiny random models of many transformers families, against
-the same model with transformers' own sdpa attention: padded forward passes and greedy generation
-with dynamic and static caches.
+the same model with transformers' own sdpa attention: padded forward passes, greedy generation
+with dynamic and static caches, and lmkern.generate's greedy loop.
 
 Each family stresses another path of the integration: sliding windows (masks that sdpa_mask builds
 per layer type), Gemma's norms and KV-shared layers, multi-head latent attention (DeepSeek V3: value
@@ -143,3 +143,11 @@ def test_patched_family_matches_sdpa(family, monkeypatch):
         return
     for cache in ("dynamic", "static"):
         assert torch.equal(greedy(patched, ids, mask, cache), greedy(model, ids, mask, cache)), cache
+    if kind == "causal":  # lmkern's own loop, greedy, rows stopping at the end-of-sequence token
+        pad, eos = model.config.pad_token_id, model.config.eos_token_id
+        with torch.no_grad():
+            want = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                                  pad_token_id=pad, eos_token_id=eos)
+        got = lmkern.generate(patched, ids, attention_mask=mask, max_new_tokens=6, temperature=0,
+                              eos_token_id=eos, pad_token_id=pad)
+        assert torch.equal(got, want)
