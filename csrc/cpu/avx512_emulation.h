@@ -1,4 +1,4 @@
-// Test builds only (-DLMKERN_EMULATE_AVX512, made by tests/test_cpu_avx512_emulated.py): the
+// Test builds only (-DLMKERN_EMULATE_AVX512, made by `make test-avx512-emulated`): the
 // AVX-512 copy of the CPU kernels compiled against SIMDe's portable versions of the AVX-512
 // intrinsics (https://github.com/simd-everywhere/simde), so that a machine without AVX-512 (CI)
 // runs that copy's code: 16-lane registers, masked loads and stores, mask compares, bf16/fp16
