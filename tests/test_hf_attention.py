@@ -247,11 +247,10 @@ def test_patch_with_attention_swaps_torch_multihead_attention():
     assert lmkern.patch(model, attention=True) == 0  # idempotent
 
 
-@pytest.mark.parametrize("name", ["softcap", "s_aux", "sinks", "indices", "block_indices"])
+@pytest.mark.parametrize("name", ["softcap", "s_aux", "sinks", "block_indices"])
 def test_unsupported_arguments_are_refused(name):
-    """Logit soft-capping, attention sinks and sparse-attention key selections (which DeepSeek
-    V3.2-style models fold into the mask only for "eager" and "sdpa") change the result: refused,
-    not dropped."""
+    """Logit soft-capping, attention sinks and MiniMax-M3's sparse key blocks (folded into the
+    mask only for "eager" and "sdpa") change the result: refused, not dropped."""
     q = torch.randn(1, 2, 3, 8)
     value = 30.0 if name == "softcap" else torch.zeros(1, 3, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match=f"`{name}`"):
@@ -259,7 +258,34 @@ def test_unsupported_arguments_are_refused(name):
     hf.attention_forward(torch.nn.Module(), q, q, q, None, **{name: None})  # absent is fine
 
 
-def test_sparse_attention_model_is_refused_not_computed_densely():
+@pytest.mark.parametrize("mask_kind", ["none_causal", "none", "bool", "float"])
+def test_sparse_key_selection_is_folded_into_the_mask(mask_kind, count_calls):
+    """``indices`` (B, Sq, top-k): each query attends only its selected keys, within the mask."""
+    torch.manual_seed(0)
+    B, S, topk = 2, 7, 3
+    q, k, v = torch.randn(B, 4, S, 16), torch.randn(B, 2, S, 16), torch.randn(B, 2, S, 16)
+    indices = torch.stack([torch.randperm(S)[:topk] for _ in range(B * S)]).view(B, S, topk).int()
+    selected = torch.zeros(B, 1, S, S, dtype=torch.bool).scatter(-1, indices.long().unsqueeze(1), True)
+    allowed = torch.rand(B, 1, S, S) < 0.7
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    mask, is_causal, visible = {
+        "none_causal": (None, True, selected & causal),
+        "none": (None, False, selected),
+        "bool": (allowed, None, selected & allowed),
+        "float": (torch.zeros(B, 1, S, S).masked_fill(~allowed, float("-inf")), None, selected & allowed),
+    }[mask_kind]
+    module = torch.nn.Module()
+    module.is_causal = False
+    out, _ = hf.attention_forward(module, q, k, v, mask, scaling=0.25, is_causal=is_causal, indices=indices)
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=visible, scale=0.25, enable_gqa=True)
+    want = torch.where(visible.any(-1, keepdim=True), want, 0)  # rows with no key: zeros in lmkern
+    assert count_calls
+    torch.testing.assert_close(out, want.transpose(1, 2).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_attention_model_matches_sdpa(count_calls):
+    """DeepSeek V3.2: its indexer's top-k keys (fewer than the sequence) reach lmkern as indices=."""
     if "deepseek_v32" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING:
         pytest.skip(f"transformers {transformers.__version__} has no DeepSeek V3.2")
     config = transformers.AutoConfig.for_model(
@@ -267,12 +293,21 @@ def test_sparse_attention_model_is_refused_not_computed_densely():
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
         topk_group=1, first_k_dense_replace=1, moe_intermediate_size=32, kv_lora_rank=16, q_lora_rank=32,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, index_topk=4, index_head_dim=16,
-        index_n_heads=2,
+        index_n_heads=2, pad_token_id=0,
     )
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    model.set_attn_implementation(hf.register())
-    with pytest.raises(ValueError, match="`indices`"), torch.no_grad():
-        model(input_ids=torch.randint(1, 96, (1, 12)))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids, mask = padded_batch([12, 9], 12, left=True)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        want_ids = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=5, pad_token_id=0)
+        model.set_attn_implementation(hf.register())
+        got = model(input_ids=ids, attention_mask=mask).logits
+        got_ids = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=5, pad_token_id=0)
+    assert count_calls
+    live = mask.bool()
+    torch.testing.assert_close(got[live], want[live], atol=ATOL, rtol=RTOL)
+    assert torch.equal(got_ids, want_ids)
 
 
 def test_queries_cut_to_the_last_positions_align_causality_bottom_right(count_calls):

@@ -30,10 +30,9 @@ from lmkern import functional as F
 NAME = "lmkern"
 
 # Keyword arguments some models pass that change the attention math and that sdpa cannot express:
-# logit soft-capping, attention sinks, and the key selections of sparse attention (DeepSeek V3.2,
-# GLM-MoE-DSA and others fold those into the mask only for "eager" and "sdpa", and pass them as
-# keywords to every other implementation).
-_UNSUPPORTED = ("softcap", "s_aux", "sinks", "indices", "block_indices")
+# logit soft-capping, attention sinks, and MiniMax-M3's sparse-attention key blocks (folded into
+# the mask for "eager" and "sdpa" only, passed as a keyword to every other implementation).
+_UNSUPPORTED = ("softcap", "s_aux", "sinks", "block_indices")
 
 
 def attention_forward(
@@ -55,8 +54,10 @@ def attention_forward(
     weights. Causality follows transformers' sdpa integration: ``is_causal`` (else the module's
     ``is_causal``) is used only when there is no mask and more than one query; a mask, when given,
     already holds the causal pattern. Fully masked query rows (e.g. left padding) give zeros.
-    ``output_attentions=True`` gets no weights (None), as with sdpa; models passing ``softcap`` or
-    attention sinks (``s_aux``/``sinks``) are refused rather than computed wrongly.
+    ``output_attentions=True`` gets no weights (None), as with sdpa. A sparse-attention key
+    selection (``indices``) is folded into the mask as sdpa's models do it; models passing
+    ``softcap``, attention sinks (``s_aux``/``sinks``) or key blocks (``block_indices``) are refused
+    rather than computed wrongly.
     """
     for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
@@ -80,6 +81,9 @@ def attention_forward(
         k_len = key.shape[2]
         attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
         is_causal = False
+    if kwargs.get("indices") is not None:
+        attention_mask = _with_selected_keys(kwargs["indices"], attention_mask, is_causal, key.shape[2], query.dtype)
+        is_causal = False
     if position_bias is not None:
         attention_mask = _with_position_bias(position_bias, attention_mask, is_causal, q_len, key.shape[2])
         is_causal = False
@@ -88,6 +92,23 @@ def attention_forward(
         enable_gqa=hq != hkv,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_selected_keys(indices: Tensor, mask: Optional[Tensor], is_causal: bool, k_len: int, dtype) -> Tensor:
+    """The mask restricted to the keys a sparse-attention indexer selected (``indices`` (B, Sq,
+    top-k), DeepSeek V3.2 and its relatives), built as those models build it for "eager" and
+    "sdpa" (they pass it as a keyword to every other implementation): the other keys become False
+    in a bool mask, float's min in an additive one."""
+    batch, q_len = indices.shape[0], indices.shape[1]
+    dropped = torch.ones(batch, q_len, k_len, dtype=torch.bool, device=indices.device)
+    dropped = dropped.scatter(-1, indices.long(), False).unsqueeze(1)  # (B, 1, Sq, Sk), True = not selected
+    if mask is None:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=indices.device)
+        if is_causal:
+            mask = mask.tril()  # no fewer queries than keys here: sdpa's top-left diagonal
+    if mask.dtype == torch.bool:
+        return mask & ~dropped
+    return mask.masked_fill(dropped, torch.finfo(dtype).min)
 
 
 def _with_position_bias(bias: Tensor, mask: Optional[Tensor], is_causal: bool, q_len: int, k_len: int) -> Tensor:
