@@ -73,20 +73,20 @@ def attention_forward(
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # Decoding (one query) attends every cached key; a mask carries its own causal pattern.
     is_causal = q_len > 1 and attention_mask is None and bool(is_causal)
-    if is_causal and key.shape[2] > q_len:
-        # No mask and fewer queries than keys: with make_mask() as the mask function, only a
-        # model that cut its queries to the last positions after the mask was skipped (Gemma 4's
-        # KV-shared layers with logits_to_keep > 1) gets here, so the causal diagonal is aligned
-        # to the bottom right, not top-left as sdpa's is_causal would be.
-        k_len = key.shape[2]
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    indices = kwargs.get("indices")
+    k_len = key.shape[2]
+    if is_causal and (k_len > q_len or indices is not None or position_bias is not None):
+        # The causal pattern as a mask, for what is added to it below, or because sdpa's is_causal
+        # would be wrong: no mask and fewer queries than keys happens, with make_mask() as the mask
+        # function, only when a model cut its queries to the last positions after the mask was
+        # skipped (Gemma 4's KV-shared layers with logits_to_keep > 1), so the diagonal is aligned
+        # to the bottom right there (top-left, as sdpa's, otherwise: the same when Sq = Sk).
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(max(k_len - q_len, 0))
         is_causal = False
-    if kwargs.get("indices") is not None:
-        attention_mask = _with_selected_keys(kwargs["indices"], attention_mask, is_causal, key.shape[2], query.dtype)
-        is_causal = False
+    if indices is not None:
+        attention_mask = _with_selected_keys(indices, attention_mask, k_len, query.dtype)
     if position_bias is not None:
-        attention_mask = _with_position_bias(position_bias, attention_mask, is_causal, q_len, key.shape[2])
-        is_causal = False
+        attention_mask = _with_position_bias(position_bias, attention_mask)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal, scale=scaling,
         enable_gqa=hq != hkv,
@@ -94,29 +94,24 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _with_selected_keys(indices: Tensor, mask: Optional[Tensor], is_causal: bool, k_len: int, dtype) -> Tensor:
+def _with_selected_keys(indices: Tensor, mask: Optional[Tensor], k_len: int, dtype) -> Tensor:
     """The mask restricted to the keys a sparse-attention indexer selected (``indices`` (B, Sq,
     top-k), DeepSeek V3.2 and its relatives), built as those models build it for "eager" and
     "sdpa" (they pass it as a keyword to every other implementation): the other keys become False
-    in a bool mask, float's min in an additive one."""
-    batch, q_len = indices.shape[0], indices.shape[1]
-    dropped = torch.ones(batch, q_len, k_len, dtype=torch.bool, device=indices.device)
+    in a bool mask, float's min in an additive one. No mask: every key allowed."""
+    dropped = torch.ones(indices.shape[0], indices.shape[1], k_len, dtype=torch.bool, device=indices.device)
     dropped = dropped.scatter(-1, indices.long(), False).unsqueeze(1)  # (B, 1, Sq, Sk), True = not selected
     if mask is None:
-        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=indices.device)
-        if is_causal:
-            mask = mask.tril()  # no fewer queries than keys here: sdpa's top-left diagonal
+        return ~dropped
     if mask.dtype == torch.bool:
         return mask & ~dropped
     return mask.masked_fill(dropped, torch.finfo(dtype).min)
 
 
-def _with_position_bias(bias: Tensor, mask: Optional[Tensor], is_causal: bool, q_len: int, k_len: int) -> Tensor:
+def _with_position_bias(bias: Tensor, mask: Optional[Tensor]) -> Tensor:
     """A float additive mask: the position bias where attention is allowed, -inf elsewhere."""
     if mask is None:
-        if not is_causal:
-            return bias
-        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=bias.device).tril()
+        return bias
     if mask.dtype == torch.bool:
         return bias.masked_fill(~mask, float("-inf"))
     return bias + mask
