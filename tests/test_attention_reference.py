@@ -262,11 +262,14 @@ def test_kvcache_equals_attention_over_the_prefix(Sq, causal, hq, hkv):
 
 
 def test_kvcache_matches_flash_on_the_prefix_and_int_seqlens():
-    q = torch.randn(2, 3, 4, 32, dtype=torch.bfloat16)
-    kc, vc = (torch.randn(2, 20, 2, 32, dtype=torch.bfloat16) for _ in range(2))
+    # float32 and float32 tolerances, not bitwise: the cache's softmax and P @ V reduce over all
+    # 20 slots (the 8 past the prefix as exact zeros), flash's over 12, and a different reduction
+    # length may round the last bit differently (about 1% of bfloat16 draws did).
+    q = torch.randn(2, 3, 4, 32)
+    kc, vc = (torch.randn(2, 20, 2, 32) for _ in range(2))
     out = lmkern.attention_with_kvcache(q, kc, vc, 12)
     expect = lmkern.flash_attention(q, kc[:, :12], vc[:, :12], causal=True)
-    torch.testing.assert_close(out, expect, atol=0, rtol=0)
+    torch.testing.assert_close(out, expect)
 
 
 # ----------------------------------------------------------------------------- gradients
