@@ -7,7 +7,8 @@ the same Philox4x32-10 words, bit for bit). No sort of the vocabulary: every ste
 A program owns BLOCK_B rows and walks them in [BLOCK_B, BLOCK_V] tiles (many short rows per program
 for small vocabularies, one row per program for large ones). Per row, ``_sample_kernel`` makes:
   pass A   validity flags (NaN / +inf / no finite logit), max, first argmax and sum of exp(x - max)
-           of the raw logits (greedy rows, T == 0, end here);
+           of the raw logits (greedy rows end here: T == 0, or x_max / T overflows, see
+           ``_greedy_limit``);
   top-k    the k-th largest z = x / T (counting repeats) as a threshold on the order-preserving
            uint32 image of z: a 2^RADIX_BITS-way search that fixes RADIX_BITS bits per pass,
            counting the keys at or above each pivot, and stops early once the bucket is exact;
@@ -236,11 +237,20 @@ def _pass_a(X, rows64, row_in, stride_x, col_start, col_end, BLOCK_B: tl.constex
 
 
 @triton.jit
+def _greedy_limit(xmax, T):
+    """Rows that take the limit T -> 0, their first argmax: T == 0, or a finite x_max over T
+    overflows float32 (csrc/include/lmkern/sampling_math.h, greedy_row)."""
+    scaled = xmax / tl.where(T > 0, T, 1.0)
+    overflows = (T > 0) & (tl.abs(xmax) < float("inf")) & ~(tl.abs(scaled) < float("inf"))
+    return (T == 0) | overflows
+
+
+@triton.jit
 def _row_validity(row_in, bad, xmax, T):
     """(valid, greedy, drawing, T for the draw, z_max). Invalid: NaN / +inf logits, no finite
     logit, or a temperature that is not finite and >= 0."""
     valid = row_in & ~bad & (xmax > float("-inf")) & (T >= 0) & (T < float("inf"))
-    greedy = T == 0
+    greedy = _greedy_limit(xmax, T)
     drawing = valid & ~greedy
     t_draw = tl.where(drawing, T, 1.0)
     zmax = tl.where(drawing, xmax / t_draw, 0.0)  # division by T > 0 keeps the order
@@ -644,7 +654,7 @@ def _softmax_kernel(
         nan = nan | (tl.max((x != x).to(tl.int32), axis=1) > 0)
         x = tl.where(x == x, x, float("-inf"))
         xmax, sumexp, imax = _online_row_stats(x, cols, V, xmax, sumexp, imax, t_safe)
-    one_hot = (T == 0) & ~nan  # the limit T -> 0: one-hot at the first argmax
+    one_hot = _greedy_limit(xmax, T) & ~nan  # the limit T -> 0: one-hot at the first argmax
     shift = tl.where(nan, float("nan"), xmax)  # a NaN logit makes the whole row NaN, as in torch
     inv_sum = 1.0 / sumexp
     for start in range(0, V, BLOCK_V):

@@ -324,9 +324,9 @@ def sample(
         logits: (B, V) floating point, any row stride; or (V,) for one row (then ids and
             logprobs are 0-d). float64 runs on the reference backend.
         temperature: >= 0 and finite in float32 (the math is float32). A temperature so small
-            (or logits so large) that ``logits / temperature`` overflows makes every overflowing
-            token +inf, tied: the draw is then among those, first index for greedy-like filters,
-            not necessarily the largest logit. Use ``temperature=0`` for argmax.
+            (or logits so large) that the largest logit over it overflows float32 gives the limit
+            temperature -> 0, the first argmax, as ``temperature=0`` does: every other token's
+            probability is then exactly 0 in float32.
         top_k: keep the k most likely tokens; None or 0 disables, k >= V keeps everything.
         top_p: in (0, 1]; None or 1.0 disables.
         min_p: in [0, 1]; None or 0 disables.
@@ -400,8 +400,9 @@ def sample(
 def softmax(logits: Tensor, temperature: Union[float, Tensor] = 1.0, *, backend: Optional[str] = None) -> Tensor:
     """float32 ``softmax(logits / temperature)`` over the last dim, the distribution ``sample`` draws
     from before its filters. ``temperature == 0`` gives the one-hot of the first argmax (zero
-    gradient). Differentiable with respect to logits (gradient in logits' dtype) and a tensor
-    temperature.
+    gradient), and so does a row without NaN or +inf whose largest logit over the temperature
+    overflows float32 (the limit temperature -> 0). Differentiable with respect to logits
+    (gradient in logits' dtype) and a tensor temperature.
 
     Args:
         logits: (..., V) floating point; float64 runs on the reference backend.

@@ -132,7 +132,7 @@ void sample_row(const Row& r, int splits, int64_t* id_out, float* lp_out) {
     *lp_out = id < 0 ? NAN : (r.x[id] - st.xmax) - logf(st.sumexp);
   };
   if (!row_valid(st.flags) || !(greedy || sampled)) return finish(-1);
-  if (greedy) return finish(st.imax);
+  if (greedy_row(r.T, st.xmax)) return finish(st.imax);
   const bool topk = r.k > 0 && r.k < r.V;
   const bool topp = r.p < 1.f;
   const bool minp = r.m > 0.f;

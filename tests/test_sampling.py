@@ -178,6 +178,53 @@ def test_minus_inf_logits_are_never_drawn(device_backend):
     assert lmkern.sample(one, seed=4, backend=backend).tolist() == [5, 5, 5]
 
 
+def _overflow_rows(V, device):
+    """(x, T, degenerate): rows whose largest logit over T overflows float32 (the limit T -> 0,
+    reached numerically: the first argmax), beside rows that come close and do not."""
+    x = torch.randn(6, V) * 3
+    x[:, V // 3] = 20.0  # a clear argmax
+    x[1] = x[1] - 1e30  # every logit hugely negative: every x / T is -inf
+    x[2, ::2] = float("-inf")
+    x[2, V // 3 + 1] = 20.0  # a tie at the max: the first index wins
+    x[3, V // 3] = 19.0  # the max moves to a tie of 20s below:
+    x[3, [V - 1, V // 2]] = 20.0  # the first of them
+    T = torch.tensor([1e-38, 1e-10, 1e-38, 1e-38, 1e-37, 2.0])  # row 4: 20 / 1e-37 = 2e38 fits
+    return x.to(device), T.to(device), torch.tensor([True, True, True, True, False, False], device=device)
+
+
+@pytest.mark.parametrize("config", ["plain", "top_k", "top_p", "min_p", "all"])
+def test_overflowing_temperature_takes_the_first_argmax(device_backend, config):
+    # Before, x / T overflowed to +inf for every token near the max (or -inf for all), so the draw
+    # fell on the first such token, and softmax gave a NaN row.
+    device, backend = device_backend
+    cfg = {k: v for k, v in CONFIGS[config].items() if k != "temperature"}
+    x, T, degenerate = _overflow_rows(257, device)
+    first_argmax = x.argmax(-1)
+    for temperature in (T, 1e-38):
+        rows = degenerate if isinstance(temperature, torch.Tensor) else torch.ones_like(degenerate)  # |max| > 3.4
+        ids, logprobs = lmkern.sample(x, temperature, **cfg, seed=11, return_logprobs=True, backend=backend)
+        assert torch.equal(ids[rows], first_argmax[rows]), (ids.tolist(), first_argmax.tolist())
+        torch.testing.assert_close(logprobs, torch.log_softmax(x, -1).gather(1, ids[:, None])[:, 0])
+        want = lmkern.sample(x, temperature, **cfg, seed=11, backend="reference")
+        assert torch.equal(ids, want)
+        probs = lmkern.softmax(x, temperature, backend=backend)
+        onehot = torch.nn.functional.one_hot(first_argmax, x.shape[-1]).float()
+        assert torch.equal(probs[rows], onehot[rows])
+        torch.testing.assert_close(probs, lmkern.softmax(x, temperature, backend="reference"), rtol=1e-5, atol=1e-7)
+    # one-hot rows have zero gradient, also with respect to a tiny temperature (no 0 / 0)
+    xg, Tg = x.clone().requires_grad_(), T.clone().requires_grad_()
+    probs = lmkern.softmax(xg, Tg, backend=backend)
+    probs.backward(torch.randn_like(probs))
+    assert torch.isfinite(xg.grad).all() and torch.isfinite(Tg.grad).all()
+    assert (xg.grad[degenerate] == 0).all() and (Tg.grad[degenerate] == 0).all()
+    # a NaN or +inf logit still makes an invalid row (ValueError) and a NaN softmax row
+    x[0, 7], x[2, 9] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="logits row 0 contains NaN"):
+        lmkern.sample(x, T, **cfg, backend=backend)
+    probs = lmkern.softmax(x, T, backend=backend)
+    assert probs[[0, 2]].isnan().all() and not probs[[1, 3, 4, 5]].isnan().any()
+
+
 def test_strided_rows(device_backend):
     device, backend = device_backend
     B, V = 64, 97
@@ -598,6 +645,20 @@ def test_split_invalid_rows_raise_naming_the_row(monkeypatch):
             lmkern.sample(x, backend="cpu", **kwargs)
     ids = torch.ops.lmkern.sample(x, 1.0, 0, 1.0, 0.0, None, None, None, None, 3, None, True)
     assert ids[0][2:].tolist() == [-1, -1] and ids[1][2:].isnan().all()
+
+
+@pytest.mark.skipif(not _ext.HAS_CPP, reason="lmkern._C not built")
+def test_overflowing_temperature_on_split_rows(monkeypatch):
+    x, T, degenerate = _overflow_rows(9217, "cpu")
+    for cfg in (dict(), dict(top_k=5, top_p=0.9), dict(top_p=0.9)):
+        whole = _sample_with_splits(monkeypatch, 1, x, temperature=T, **cfg, seed=3)
+        assert torch.equal(whole[0][degenerate], x.argmax(-1)[degenerate])
+        for splits in (2, 7):
+            got = _sample_with_splits(monkeypatch, splits, x, temperature=T, **cfg, seed=3)
+            assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1]), (splits, cfg)
+    monkeypatch.setenv(SPLIT_ENV, "3")
+    probs = lmkern.softmax(x, T, backend="cpu")
+    assert torch.equal(probs[degenerate], torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).float()[degenerate])
 
 
 @pytest.mark.skipif(not _ext.HAS_CPP, reason="lmkern._C not built")

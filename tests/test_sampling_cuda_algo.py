@@ -86,7 +86,7 @@ def check_against_reference(algo, tmp_path, logits, T, k, p, m, seed=None, seeds
     assert differ <= allowed, f"{differ} of {B} ids differ from the reference's (allowed {allowed})"
     # Every drawn id is a survivor of the (loosened) filters; greedy rows are the first max.
     x = torch.where(valid[:, None], logits.float(), torch.zeros_like(logits.float()))
-    greedy = T == 0
+    greedy = ref.greedy_rows(x.amax(-1), T)  # T == 0, or x_max / T overflows
     z = x / torch.where(greedy, torch.ones_like(T), T)[:, None]
     keep = loose_survivors(z, k, p, m)
     rows = torch.nonzero(valid & ~greedy).flatten()
@@ -172,6 +172,23 @@ def test_invalid_and_greedy_rows(algo, tmp_path):
     assert ids[3].item() == 10 and ids[4].item() == 123
     # k = 1 and p = 0 keep only the max
     assert ids[6].item() == logits[6].argmax().item() and ids[7].item() == logits[7].argmax().item()
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_overflowing_temperature_rows_take_the_first_max(algo, tmp_path, splits):
+    """x_max / T overflows float32 (up, or every z down to -inf): the limit T -> 0, the first max,
+    whatever the filters; a row that comes close without overflowing is drawn as usual."""
+    V = 2000
+    logits = torch.randn(6, V) * 3
+    logits[:, 700] = 20.0
+    logits[1] -= 1e30  # every logit about -1e30: tied, the first one is the max
+    logits[2, [900, 1500]] = 20.0  # ties at the max after 700
+    T = torch.tensor([1e-38, 1e-10, 1e-38, 1e-38, 1e-37, 1.0])  # 20 / 1e-37 fits float32
+    k = torch.tensor([0, 5, 2, 0, 0, 50])
+    p = torch.tensor([1.0, 0.9, 1.0, 0.5, 1.0, 0.9])
+    m = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0, 0.0])
+    ids = check_against_reference(algo, tmp_path, logits, T, k, p, m, seed=5, splits=splits, min_agree=1.0)
+    assert ids[:4].tolist() == [700, 0, 700, 700]
 
 
 def test_large_vocab_and_splits_agree(algo, tmp_path):

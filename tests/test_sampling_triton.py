@@ -192,6 +192,20 @@ def test_split_rows_ties_greedy_and_invalid_rows(force_splits):
     torch.testing.assert_close(logprobs[6].item(), -math.log(SPLIT_V))
 
 
+def test_split_rows_overflowing_temperature_take_the_first_max(force_splits):
+    # x_max / T overflows float32 (up, or every z down to -inf): the first max, split or not
+    x = torch.randn(3, SPLIT_V, device=DEVICE) * 3
+    x[:, [250, 20, 299]] = 50.0
+    x[1] -= 1e30  # every logit about -1e30: all tied, the first is the max
+    T = torch.tensor([1e-38, 1e-10, 1e-36], device=DEVICE)  # 50 / 1e-36 fits float32: drawn
+    draws = []
+    for splits in (1, 3):
+        force_splits(splits)
+        draws.append(_sample(x, temperature=T, top_k=5, top_p=0.9, seed=2))
+    _assert_same_draws(*draws)
+    assert draws[1][0][:2].tolist() == [20, 0]
+
+
 def test_split_rows_under_torch_compile(force_splits):
     force_splits(2)
     x = torch.randn(1, SPLIT_V, device=DEVICE)

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "lmkern/philox.h"
+#include "lmkern/sampling_math.h"  // greedy_row
 #include "sampling_glue.h"
 
 namespace lmkern::cpu {
@@ -225,7 +226,7 @@ RowParams row_params(const SampleParams& p, int64_t r) {
 enum Pass { kScan, kHistogram, kBinTokens, kFinish, kPasses };
 
 enum class Kind : uint8_t {
-  kGreedy,  // temperature 0: the first argmax
+  kGreedy,  // temperature 0, or x_max / T overflows (sampling_math.h greedy_row): the first argmax
   kTopK,    // top-k (then top-p, min-p) on a candidate list from the first pass
   kFull,    // everything else: top-p and min-p over the whole row, the race over the row
 };

@@ -412,6 +412,12 @@ void combine_pass(int pass, const SampleParams& p, int64_t r, RowState& row, Ran
       for (int j = 1; j < n; ++j) merge_scan(st, parts[j].scan);
       row.valid = !invalid(st);
       if (!row.valid) return;
+      if (row.kind != Kind::kGreedy && sampling_math::greedy_row(q.temperature, st.max)) {
+        // x_max / T overflowed: the limit T -> 0. top_k_range keeps no argmax: scan again (this
+        // row only, and only then).
+        if (row.kind == Kind::kTopK) st = scan_range(x, Range{0, p.V});
+        row.kind = Kind::kGreedy;
+      }
       if (row.kind == Kind::kGreedy) {
         row.id = st.argmax;
         row.xmax = st.max;
@@ -509,8 +515,11 @@ LMKERN_INLINE float row_temperature(const SoftmaxParams& p, int64_t r) {
   return p.temperatures ? p.temperatures[r] : p.temperature;
 }
 
-// The limit T -> 0 of a row without NaN: one-hot at the first argmax.
-LMKERN_INLINE bool one_hot(float temp, const RowScan& st) { return temp == 0.f && !st.nan; }
+// The limit T -> 0 of a row without NaN (T == 0, or x_max / T overflows): one-hot at the first
+// argmax.
+LMKERN_INLINE bool one_hot(float temp, const RowScan& st) {
+  return !st.nan && sampling_math::greedy_row(temp, st.max);
+}
 
 // First write over a range of row r: exp(z - zmax), or the range's part of the one-hot row.
 // Returns the sum of what it wrote.

@@ -178,7 +178,9 @@ def _softmax_backward(ctx, grad_probs):
     if ctx.needs_input_grad[2]:
         # tokens with p == 0 (x = -inf among them) contribute nothing; masking avoids 0 * inf
         terms = torch.where(probs > 0, gz * logits.float(), torch.zeros_like(gz))
-        grad_T = torch.where(greedy, torch.zeros_like(T), -terms.sum(-1, keepdim=True) / (T_safe * T_safe))
+        # / T twice, not / T^2: T^2 underflows to 0 below T ~ 1e-23, where a one-hot row's zero
+        # sum would give 0 / 0 = NaN
+        grad_T = torch.where(greedy, torch.zeros_like(T), -terms.sum(-1, keepdim=True) / T_safe / T_safe)
         grad_T = grad_T.squeeze(1).to(temperatures.dtype)
     return gx.to(ctx.logits_dtype), None, grad_T
 

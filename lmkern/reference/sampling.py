@@ -6,6 +6,10 @@ contract is ``lmkern::sample`` / ``lmkern::softmax`` in csrc/registration.cpp.
 Per row r of (B, V) logits, with per-row parameters T, k, p, m and the row's seed:
 
 1. ``T == 0``: greedy. The id is the first index of the largest logit; no randomness, no filters.
+   So is a row whose largest logit over T overflows float32 (``|x_max / T| = inf``, a tiny T or
+   huge logits): the limit T -> 0 is then reached numerically, every other token's
+   ``exp((x - x_max) / T)`` being exactly 0, while ``x / T`` would tie every overflowing token
+   at +inf (csrc/include/lmkern/sampling_math.h, ``greedy_row``).
 2. ``z = logits.float() / T``. Filters, in Hugging Face's order, each on what the previous left:
    * top-k (``0 < k < V``): keep ``z >= t_k``, t_k the k-th largest z counting repeats (ties with
      the k-th are all kept, exactly as transformers' TopKLogitsWarper).
@@ -119,6 +123,13 @@ def survivors(z: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
     return keep
 
 
+def greedy_rows(x_max: Tensor, T: Tensor) -> Tensor:
+    """(B,) bool: the row takes the limit T -> 0 (its first argmax): T == 0, or a finite x_max
+    over T overflows float32 (see the module doc, step 1)."""
+    overflows = (T > 0) & torch.isfinite(x_max) & ~torch.isfinite(x_max / torch.where(T > 0, T, 1.0))
+    return (T == 0) | overflows
+
+
 def valid_rows(logits: Tensor) -> Tensor:
     """(B,) bool: the row has no NaN, no +inf and at least one finite logit."""
     x = logits.float()
@@ -160,7 +171,7 @@ def sample(
         stream = torch.arange(B, dtype=torch.int64, device=dev)
     ok = valid_rows(x)
     safe = torch.where(ok[:, None], x, torch.zeros_like(x))  # keeps the math below NaN-free
-    greedy = T == 0
+    greedy = greedy_rows(safe.max(-1).values, T)
     z = safe / torch.where(greedy, torch.ones_like(T), T)[:, None]
     keep = survivors(z, k, p, m)
     keys = race_keys(z, seed_r, stream).masked_fill(~keep, float("-inf"))
@@ -173,8 +184,10 @@ def sample(
 
 
 def softmax(logits: Tensor, temperature: float = 1.0, temperatures: Optional[Tensor] = None) -> Tensor:
-    """fp32 softmax of ``logits / T`` over the last dim; T == 0 gives one-hot at the first argmax.
-    ``temperatures`` has the leading shape of logits (one T per row)."""
+    """fp32 softmax of ``logits / T`` over the last dim; T == 0 gives one-hot at the first argmax,
+    and so does a row without NaN or +inf whose largest logit over T overflows (the limit T -> 0,
+    as in ``sample``; ``logits / T`` would give a NaN row). ``temperatures`` has the leading shape
+    of logits (one T per row)."""
     x = logits.float()
     lead = x.shape[:-1]
     T = (
@@ -182,7 +195,7 @@ def softmax(logits: Tensor, temperature: float = 1.0, temperatures: Optional[Ten
         if temperatures is not None
         else torch.full(lead, float(temperature), device=x.device)
     )
-    greedy = (T == 0)[..., None]
+    greedy = greedy_rows(x.max(-1).values, T)[..., None]  # a NaN max is not finite: NaN row
     probs = torch.softmax(x / torch.where(greedy, torch.ones_like(greedy, dtype=x.dtype), T[..., None]), dim=-1)
     onehot = torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
     return torch.where(greedy, onehot, probs)

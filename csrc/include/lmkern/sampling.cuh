@@ -561,7 +561,7 @@ __device__ void sample_row(const SampleParams& p, const SampleWork& work, int64_
     if (split == 0 && threadIdx.x == 0) write_result(p, row, rc.x, -1, st);
     return;
   }
-  if (greedy) {
+  if (greedy_row(rp.temp, st.xmax)) {  // T == 0, or x_max / T overflows: the first argmax
     if (split == 0 && threadIdx.x == 0) write_result(p, row, rc.x, st.imax, st);
     return;
   }
@@ -707,9 +707,19 @@ __global__ void __launch_bounds__(kThreads) softmax_kernel(SoftmaxParams p) {
     for_each_element(x, 0, V, [&](int i, float v) { row_stats_add(st, v / temp, i); });
     st = block_allreduce(st, [](const RowStats& a, const RowStats& b) { return row_stats_combine(a, b); },
                          sm.red_stats);
-    // torch.softmax gives a NaN row for a NaN or +inf z, or when every z is -inf.
     if (!row_valid(st.flags)) {
-      write_row(out, V, ConstantValues{__int_as_float(0x7fffffff)});
+      // A NaN or +inf z, or no finite z. From the logits themselves (NaN, +inf, nothing finite)
+      // torch.softmax gives a NaN row; otherwise x / T overflowed, and the row takes the limit
+      // T -> 0 (greedy_row): one-hot at the first argmax. Rare rows: a second pass tells them apart.
+      RowStats raw = row_stats_init();
+      for_each_element(x, 0, V, [&](int i, float v) { row_stats_add(raw, v, i); });
+      raw = block_allreduce(raw, [](const RowStats& a, const RowStats& b) { return row_stats_combine(a, b); },
+                            sm.red_stats);
+      if (row_valid(raw.flags) && greedy_row(temp, raw.xmax)) {
+        write_row(out, V, OneHotValues{raw.imax});
+      } else {
+        write_row(out, V, ConstantValues{__int_as_float(0x7fffffff)});
+      }
       continue;
     }
     // Pass 2 (the row again, from L2): the probabilities, with vector loads when the input's

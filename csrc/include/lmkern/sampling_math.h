@@ -3,7 +3,8 @@
 // narrows a threshold digit by digit, the fixed-point probability mass, the top-p target and the
 // exponential-race key. __host__ __device__ and free of CUDA headers, so that a host program can
 // run the same decisions on the CPU (tests/sampling_cuda_algo.cpp, driven by
-// tests/test_sampling_cuda_algo.py) and check them against lmkern/reference/sampling.py.
+// tests/test_sampling_cuda_algo.py) and check them against lmkern/reference/sampling.py. The
+// C++ CPU sampler shares the row-level decisions (greedy_row).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -202,6 +203,15 @@ LMKERN_HOST_DEVICE bool argmax_better(float v, int i, float bv, int bi) {
 // A row the op can sample: no NaN, no +inf, at least one finite logit.
 LMKERN_HOST_DEVICE bool row_valid(uint32_t flags) {
   return (flags & (kHasNan | kHasPosInf)) == 0 && (flags & kHasFinite) != 0;
+}
+
+// Whether a valid row whose largest logit is xmax takes the limit T -> 0, its first argmax: at
+// T == 0, and where float32 reaches that limit, i.e. xmax / T overflows. Every other logit then
+// has (x - xmax) / T <= -2^-24 * FLT_MAX (exp gives exactly 0), while z = x / T itself no longer
+// orders the tokens (all that overflow tie at +inf, or every z is -inf). Shared by every backend:
+// the CUDA kernels, the C++ CPU kernels and the CPU run of the CUDA algorithm.
+LMKERN_HOST_DEVICE bool greedy_row(float temp, float xmax) {
+  return temp == 0.f || (temp > 0.f && fabsf(xmax) < INFINITY && !(fabsf(xmax / temp) < INFINITY));
 }
 
 }  // namespace sampling_math
